@@ -1,0 +1,654 @@
+"""Node configuration: defaults < config.toml < command-line flags.
+
+The TOML file is parsed once, every key is checked against the schema below
+and the result is a frozen, typed :class:`Config`.  Any problem raises
+:class:`ConfigError` whose message names the file, the key and what is wrong,
+so the CLI can print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = [
+    "Classification",
+    "Config",
+    "ConfigError",
+    "DeliveryConfig",
+    "Destination",
+    "Direction",
+    "ModelConfig",
+    "NodeConfig",
+    "OutputConfig",
+    "SecurityConfig",
+    "SelectionRule",
+    "SeriesConfig",
+    "StorageConfig",
+    "TLSConfig",
+    "WorkerConfig",
+    "load_config",
+]
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag is invalid.  ``str(err)`` is one line."""
+
+
+class Direction(str, enum.Enum):
+    """Which way a model translates contrast."""
+
+    T1_TO_T2 = "t1-to-t2"
+    T2_TO_T1 = "t2-to-t1"
+
+    @property
+    def source(self) -> "Classification":
+        return Classification.T1 if self is Direction.T1_TO_T2 else Classification.T2
+
+    @property
+    def target(self) -> "Classification":
+        return Classification.T2 if self is Direction.T1_TO_T2 else Classification.T1
+
+    @classmethod
+    def for_source(cls, source: "Classification") -> "Direction":
+        if source is Classification.T1:
+            return cls.T1_TO_T2
+        if source is Classification.T2:
+            return cls.T2_TO_T1
+        raise ValueError(f"no synthesis direction for a {source.value} series")
+
+
+class Classification(str, enum.Enum):
+    """Outcome of series selection."""
+
+    T1 = "T1"
+    T2 = "T2"
+    NOT_ELIGIBLE = "not_eligible"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    ae_title: str = "DICOMNODE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    max_associations: int = 10
+    max_pdu: int = 0  # 0 = unlimited
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    allowed_calling_aets: tuple[str, ...] = ()
+    allow_any_calling_aet: bool = False
+    tls: TLSConfig | None = None
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    dir: Path = Path("var")
+    ledger_url: str = "sqlite:///var/ledger.db"
+    min_free_mb: int = 512
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """One ordered classification rule; the first rule that matches wins.
+
+    Every condition that is set must hold.  ``classify`` is T1, T2 or
+    not_eligible (an exclusion rule, e.g. FLAIR or diffusion).
+    """
+
+    name: str
+    classify: Classification
+    description: str | None = None  # regex on SeriesDescription or ProtocolName
+    exclude_description: str | None = None
+    repetition_time_ms: tuple[float, float] | None = None
+    echo_time_ms: tuple[float, float] | None = None
+    inversion_time_ms: tuple[float, float] | None = None
+    scanning_sequence: tuple[str, ...] = ()  # any of, e.g. ["SE"], ["GR", "IR"]
+
+
+DEFAULT_RULES: tuple[SelectionRule, ...] = (
+    SelectionRule(
+        name="exclude-non-structural",
+        classify=Classification.NOT_ELIGIBLE,
+        description=(
+            r"(?i)flair|dark.?fluid|\bdwi|diff|\badc|\btrace|\bswi|\bswan|t2\*|t2star|"
+            r"\bbold|fmri|\bperf|\bdsc|\bdce|\basl|\bmra\b|\btof\b|angio|\bmip\b|"
+            r"scout|localizer|localiser|survey|aahead|calibration|\bfield.?map|"
+            r"\bmap\b|\bstir\b"
+        ),
+    ),
+    SelectionRule(
+        name="t2-by-name",
+        classify=Classification.T2,
+        description=r"(?i)t2|tse.*t2|propeller|blade",
+        echo_time_ms=(50.0, 400.0),
+        repetition_time_ms=(1500.0, 20000.0),
+    ),
+    SelectionRule(
+        name="t1-by-name",
+        classify=Classification.T1,
+        description=r"(?i)t1|mprage|mp-rage|mp2rage|spgr|bravo|\btfl\b|\btfe\b|flash|vibe|space.*t1",
+        echo_time_ms=(0.0, 30.0),
+    ),
+    SelectionRule(
+        name="t1-spin-echo-by-parameters",
+        classify=Classification.T1,
+        repetition_time_ms=(300.0, 900.0),
+        echo_time_ms=(0.0, 30.0),
+        scanning_sequence=("SE",),
+    ),
+    SelectionRule(
+        name="t2-spin-echo-by-parameters",
+        classify=Classification.T2,
+        repetition_time_ms=(2000.0, 20000.0),
+        echo_time_ms=(70.0, 400.0),
+        scanning_sequence=("SE",),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class SeriesConfig:
+    quiet_seconds: float = 10.0
+    complete_on_release: bool = True
+    release_grace_seconds: float = 1.0
+    min_slices: int = 8
+    rules: tuple[SelectionRule, ...] = DEFAULT_RULES
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    checkpoint: str = "default"  # "default" = the shipped models, or a directory / file
+    t1_to_t2: str | None = None  # per-direction override (path to a checkpoint)
+    t2_to_t1: str | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    batch_size: int = 16
+    directions: tuple[Direction, ...] = (Direction.T1_TO_T2, Direction.T2_TO_T1)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    processes: int = 1
+    lease_seconds: float = 300.0
+    poll_seconds: float = 0.5
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    series_number_offset: int = 1000
+    series_description: str = "SYNTHETIC {target} (AI) from {source}"
+    synthetic_data_flag: bool = True
+    uid_root: str | None = None  # None = highdicom's root; else your organisation's
+    institution_name: str | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    max_attempts: int = 6
+    backoff_initial_seconds: float = 2.0
+    backoff_max_seconds: float = 300.0
+    timeout_seconds: float = 30.0
+    calling_ae_title: str | None = None  # None = node.ae_title
+
+
+@dataclass(frozen=True)
+class Destination:
+    ae_title: str
+    host: str
+    port: int
+    name: str = ""
+    tls: TLSConfig | None = None
+    directions: tuple[Direction, ...] = (Direction.T1_TO_T2, Direction.T2_TO_T1)
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig = field(default_factory=NodeConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    series: SeriesConfig = field(default_factory=SeriesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    destinations: tuple[Destination, ...] = ()
+    source: Path | None = None  # the file this came from
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.storage.dir / "spool"
+
+    def summary(self) -> str:
+        """One log line with the effective settings (no secrets)."""
+        dests = ", ".join(d.label for d in self.destinations) or "none"
+        aets = "any" if self.security.allow_any_calling_aet else ",".join(
+            self.security.allowed_calling_aets
+        )
+        return (
+            f"config={self.source} ae_title={self.node.ae_title} "
+            f"listen={self.node.host}:{self.node.port} tls={'on' if self.security.tls else 'off'} "
+            f"max_associations={self.node.max_associations} calling_aets={aets} "
+            f"storage={self.storage.dir} ledger={_redact_url(self.storage.ledger_url)} "
+            f"quiet_seconds={self.series.quiet_seconds} model={self.model.checkpoint} "
+            f"device={self.model.device} workers={self.worker.processes} destinations={dests}"
+        )
+
+    def with_overrides(self, **sections: Mapping[str, Any]) -> "Config":
+        """Apply command-line flags (already typed) on top of the file."""
+        cfg = self
+        for section, values in sections.items():
+            vals = {k: v for k, v in values.items() if v is not None}
+            if vals:
+                cfg = replace(cfg, **{section: replace(getattr(cfg, section), **vals)})
+        _check_consistency(cfg, cfg.source or Path("<flags>"))
+        return cfg
+
+
+def _redact_url(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", url)
+
+
+# --------------------------------------------------------------------------
+# parsing
+# --------------------------------------------------------------------------
+
+
+class _Ctx:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {key}: {problem}")
+
+
+def _typed(ctx: _Ctx, key: str, value: Any, kind: type) -> Any:
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ctx.fail(key, f"expected a number, got {value!r}")
+        return float(value)
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ctx.fail(key, f"expected an integer, got {value!r}")
+        return value
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ctx.fail(key, f"expected true or false, got {value!r}")
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise ctx.fail(key, f"expected a string, got {value!r}")
+        return value
+    raise AssertionError(kind)
+
+
+def _table(ctx: _Ctx, key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ctx.fail(key, f"expected a table, got {value!r}")
+    return value
+
+
+def _unknown(ctx: _Ctx, prefix: str, table: Mapping[str, Any], known: set[str]) -> None:
+    for k in table:
+        if k not in known:
+            raise ctx.fail(f"{prefix}.{k}" if prefix else k, f"unknown key (known: {', '.join(sorted(known))})")
+
+
+def _ae(ctx: _Ctx, key: str, value: Any) -> str:
+    v = _typed(ctx, key, value, str).strip()
+    if not _AE_RE.match(v):
+        raise ctx.fail(key, f"not a valid AE title (1-16 printable ASCII characters, no backslash): {value!r}")
+    return v
+
+
+def _port(ctx: _Ctx, key: str, value: Any) -> int:
+    v = _typed(ctx, key, value, int)
+    if not 0 <= v <= 65535:
+        raise ctx.fail(key, f"port must be 0-65535, got {v}")
+    return v
+
+
+def _positive(ctx: _Ctx, key: str, value: Any, kind: type, allow_zero: bool = False) -> Any:
+    v = _typed(ctx, key, value, kind)
+    if v < 0 or (v == 0 and not allow_zero):
+        raise ctx.fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+    return v
+
+
+def _path(ctx: _Ctx, key: str, value: Any, base: Path) -> Path:
+    p = Path(_typed(ctx, key, value, str)).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def _range(ctx: _Ctx, key: str, value: Any) -> tuple[float, float]:
+    if not (isinstance(value, list) and len(value) == 2):
+        raise ctx.fail(key, f"expected [min, max], got {value!r}")
+    lo, hi = (_typed(ctx, key, v, float) for v in value)
+    if lo > hi:
+        raise ctx.fail(key, f"min {lo} is greater than max {hi}")
+    return (lo, hi)
+
+
+def _regex(ctx: _Ctx, key: str, value: Any) -> str:
+    v = _typed(ctx, key, value, str)
+    try:
+        re.compile(v)
+    except re.error as exc:
+        raise ctx.fail(key, f"invalid regular expression: {exc}") from None
+    return v
+
+
+def _enum(ctx: _Ctx, key: str, value: Any, enum_cls: type[enum.Enum]) -> Any:
+    allowed = [m.value for m in enum_cls]  # type: ignore[attr-defined]
+    if value not in allowed:
+        raise ctx.fail(key, f"expected one of {', '.join(map(str, allowed))}, got {value!r}")
+    return enum_cls(value)
+
+
+def _directions(ctx: _Ctx, key: str, value: Any) -> tuple[Direction, ...]:
+    if not isinstance(value, list) or not value:
+        raise ctx.fail(key, f"expected a non-empty list of directions, got {value!r}")
+    return tuple(_enum(ctx, key, v, Direction) for v in value)
+
+
+def _tls(ctx: _Ctx, key: str, value: Any, base: Path) -> TLSConfig:
+    t = _table(ctx, key, value)
+    _unknown(ctx, key, t, {"cert", "key", "ca", "require_client_cert"})
+    for req in ("cert", "key"):
+        if req not in t:
+            raise ctx.fail(f"{key}.{req}", "required when TLS is configured")
+    tls = TLSConfig(
+        cert=_path(ctx, f"{key}.cert", t["cert"], base),
+        key=_path(ctx, f"{key}.key", t["key"], base),
+        ca=_path(ctx, f"{key}.ca", t["ca"], base) if "ca" in t else None,
+        require_client_cert=_typed(ctx, f"{key}.require_client_cert", t.get("require_client_cert", False), bool),
+    )
+    for name in ("cert", "key", "ca"):
+        p = getattr(tls, name)
+        if p is not None and not p.is_file():
+            raise ctx.fail(f"{key}.{name}", f"file not found: {p}")
+    if tls.require_client_cert and tls.ca is None:
+        raise ctx.fail(f"{key}.ca", "required when require_client_cert = true")
+    return tls
+
+
+def _simple_section(ctx: _Ctx, name: str, raw: Any, cls: type, specials: Mapping[str, Any] | None = None) -> Any:
+    """Parse a flat section whose fields are str/int/float/bool."""
+    table = _table(ctx, f"[{name}]", raw)
+    specials = dict(specials or {})
+    kinds = {f.name: f.type for f in fields(cls)}
+    _unknown(ctx, name, table, set(kinds))
+    values: dict[str, Any] = {}
+    for k, v in table.items():
+        key = f"{name}.{k}"
+        if k in specials:
+            values[k] = specials[k](key, v)
+            continue
+        kind = str(kinds[k])
+        if kind in ("float",):
+            values[k] = _positive(ctx, key, v, float, allow_zero=True)
+        elif kind in ("int",):
+            values[k] = _positive(ctx, key, v, int, allow_zero=True)
+        elif kind == "bool":
+            values[k] = _typed(ctx, key, v, bool)
+        else:
+            values[k] = _typed(ctx, key, v, str)
+    return cls(**values)
+
+
+def _rule(ctx: _Ctx, idx: int, raw: Any) -> SelectionRule:
+    key = f"series.rules[{idx}]"
+    t = _table(ctx, key, raw)
+    known = {f.name for f in fields(SelectionRule)}
+    _unknown(ctx, key, t, known)
+    if "classify" not in t:
+        raise ctx.fail(f"{key}.classify", "required (T1, T2 or not_eligible)")
+    seq = t.get("scanning_sequence", [])
+    if not isinstance(seq, list) or not all(isinstance(s, str) for s in seq):
+        raise ctx.fail(f"{key}.scanning_sequence", f"expected a list of strings, got {seq!r}")
+    return SelectionRule(
+        name=_typed(ctx, f"{key}.name", t.get("name", f"rule-{idx}"), str),
+        classify=_enum(ctx, f"{key}.classify", t["classify"], Classification),
+        description=_regex(ctx, f"{key}.description", t["description"]) if "description" in t else None,
+        exclude_description=(
+            _regex(ctx, f"{key}.exclude_description", t["exclude_description"]) if "exclude_description" in t else None
+        ),
+        repetition_time_ms=_range(ctx, f"{key}.repetition_time_ms", t["repetition_time_ms"])
+        if "repetition_time_ms" in t
+        else None,
+        echo_time_ms=_range(ctx, f"{key}.echo_time_ms", t["echo_time_ms"]) if "echo_time_ms" in t else None,
+        inversion_time_ms=_range(ctx, f"{key}.inversion_time_ms", t["inversion_time_ms"])
+        if "inversion_time_ms" in t
+        else None,
+        scanning_sequence=tuple(s.upper() for s in seq),
+    )
+
+
+def parse_config(data: Mapping[str, Any], path: Path) -> Config:
+    """Validate a parsed TOML document into a :class:`Config`."""
+    ctx = _Ctx(path)
+    base = path.parent.resolve()
+    known = {"node", "security", "storage", "series", "model", "worker", "output", "delivery", "destinations"}
+    _unknown(ctx, "", data, known)
+
+    node = _simple_section(
+        ctx,
+        "node",
+        data.get("node", {}),
+        NodeConfig,
+        {
+            "ae_title": lambda k, v: _ae(ctx, k, v),
+            "port": lambda k, v: _port(ctx, k, v),
+            "max_associations": lambda k, v: _positive(ctx, k, v, int),
+        },
+    )
+
+    sec_raw = _table(ctx, "[security]", data.get("security", {}))
+    _unknown(ctx, "security", sec_raw, {"allowed_calling_aets", "allow_any_calling_aet", "tls"})
+    aets_raw = sec_raw.get("allowed_calling_aets", [])
+    if not isinstance(aets_raw, list):
+        raise ctx.fail("security.allowed_calling_aets", f"expected a list of AE titles, got {aets_raw!r}")
+    security = SecurityConfig(
+        allowed_calling_aets=tuple(_ae(ctx, "security.allowed_calling_aets", a) for a in aets_raw),
+        allow_any_calling_aet=_typed(
+            ctx, "security.allow_any_calling_aet", sec_raw.get("allow_any_calling_aet", False), bool
+        ),
+        tls=_tls(ctx, "security.tls", sec_raw["tls"], base) if "tls" in sec_raw else None,
+    )
+
+    storage_raw = _table(ctx, "[storage]", data.get("storage", {}))
+    storage = _simple_section(
+        ctx,
+        "storage",
+        storage_raw,
+        StorageConfig,
+        {
+            "dir": lambda k, v: _path(ctx, k, v, base),
+            "ledger_url": lambda k, v: _ledger_url(ctx, k, v, base),
+        },
+    )
+    if "ledger_url" not in storage_raw:
+        storage = replace(storage, ledger_url=f"sqlite:///{storage.dir / 'ledger.db'}")
+
+    series_raw = dict(_table(ctx, "[series]", data.get("series", {})))
+    rules_raw = series_raw.pop("rules", None)
+    series = _simple_section(
+        ctx, "series", series_raw, SeriesConfig, {"min_slices": lambda k, v: _positive(ctx, k, v, int)}
+    )
+    if rules_raw is not None:
+        if not isinstance(rules_raw, list) or not rules_raw:
+            raise ctx.fail("series.rules", "expected a non-empty array of tables [[series.rules]]")
+        series = replace(series, rules=tuple(_rule(ctx, i, r) for i, r in enumerate(rules_raw)))
+
+    model = _simple_section(
+        ctx,
+        "model",
+        data.get("model", {}),
+        ModelConfig,
+        {
+            "device": lambda k, v: _device(ctx, k, v),
+            "batch_size": lambda k, v: _positive(ctx, k, v, int),
+            "directions": lambda k, v: _directions(ctx, k, v),
+            "checkpoint": lambda k, v: _checkpoint(ctx, k, v, base),
+            "t1_to_t2": lambda k, v: _checkpoint(ctx, k, v, base),
+            "t2_to_t1": lambda k, v: _checkpoint(ctx, k, v, base),
+        },
+    )
+    worker = _simple_section(
+        ctx, "worker", data.get("worker", {}), WorkerConfig, {"processes": lambda k, v: _positive(ctx, k, v, int, True)}
+    )
+    output = _simple_section(
+        ctx,
+        "output",
+        data.get("output", {}),
+        OutputConfig,
+        {
+            "uid_root": lambda k, v: _uid_root(ctx, k, v),
+            "series_description": lambda k, v: _template(ctx, k, v),
+        },
+    )
+    delivery = _simple_section(
+        ctx,
+        "delivery",
+        data.get("delivery", {}),
+        DeliveryConfig,
+        {
+            "max_attempts": lambda k, v: _positive(ctx, k, v, int),
+            "calling_ae_title": lambda k, v: _ae(ctx, k, v),
+        },
+    )
+
+    dests_raw = data.get("destinations", [])
+    if not isinstance(dests_raw, list):
+        raise ctx.fail("destinations", "expected an array of tables [[destinations]]")
+    destinations = tuple(_destination(ctx, i, d, base) for i, d in enumerate(dests_raw))
+
+    cfg = Config(
+        node=node,
+        security=security,
+        storage=storage,
+        series=series,
+        model=model,
+        worker=worker,
+        output=output,
+        delivery=delivery,
+        destinations=destinations,
+        source=path,
+    )
+    _check_consistency(cfg, path)
+    return cfg
+
+
+def _check_consistency(cfg: Config, path: Path) -> None:
+    ctx = _Ctx(path)
+    if not cfg.security.allowed_calling_aets and not cfg.security.allow_any_calling_aet:
+        raise ctx.fail(
+            "security.allowed_calling_aets",
+            "empty: list the AE titles allowed to send, or set allow_any_calling_aet = true",
+        )
+    names = [d.label for d in cfg.destinations]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ctx.fail("destinations", f"duplicate destination {sorted(dupes)[0]}")
+
+
+def _ledger_url(ctx: _Ctx, key: str, value: Any, base: Path) -> str:
+    url = _typed(ctx, key, value, str)
+    if "://" not in url:
+        raise ctx.fail(key, f"not a database URL (e.g. sqlite:///var/ledger.db): {url!r}")
+    # sqlite:///relative/path -> relative to the config file's folder
+    m = re.match(r"^(sqlite(?:\+\w+)?):///(?!/)(.+)$", url)
+    if m and m.group(2) != ":memory:":
+        return f"{m.group(1)}:///{base / m.group(2)}"
+    return url
+
+
+def _device(ctx: _Ctx, key: str, value: Any) -> str:
+    v = _typed(ctx, key, value, str)
+    if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", v):
+        raise ctx.fail(key, f"expected auto, cpu, cuda or cuda:N, got {v!r}")
+    return v
+
+
+def _checkpoint(ctx: _Ctx, key: str, value: Any, base: Path) -> str:
+    v = _typed(ctx, key, value, str)
+    if v == "default":
+        return v
+    p = _path(ctx, key, v, base)
+    if not p.exists():
+        raise ctx.fail(key, f"checkpoint not found: {p}")
+    return str(p)
+
+
+def _uid_root(ctx: _Ctx, key: str, value: Any) -> str:
+    v = _typed(ctx, key, value, str)
+    if not re.match(r"^[1-9][0-9]*(\.(0|[1-9][0-9]*))*\.$", v) or len(v) > 40:
+        raise ctx.fail(key, f"a UID root is digits and dots, ending in a dot, at most 40 characters: {v!r}")
+    return v
+
+
+def _template(ctx: _Ctx, key: str, value: Any) -> str:
+    v = _typed(ctx, key, value, str)
+    try:
+        v.format(target="T2", source="T1 SE", direction="t1-to-t2", model="m")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ctx.fail(key, f"bad template (placeholders: {{target}} {{source}} {{direction}} {{model}}): {exc}") from None
+    return v
+
+
+def _destination(ctx: _Ctx, idx: int, raw: Any, base: Path) -> Destination:
+    key = f"destinations[{idx}]"
+    t = _table(ctx, key, raw)
+    _unknown(ctx, key, t, {"name", "ae_title", "host", "port", "tls", "directions"})
+    for req in ("ae_title", "host", "port"):
+        if req not in t:
+            raise ctx.fail(f"{key}.{req}", "required")
+    return Destination(
+        name=_typed(ctx, f"{key}.name", t.get("name", ""), str),
+        ae_title=_ae(ctx, f"{key}.ae_title", t["ae_title"]),
+        host=_typed(ctx, f"{key}.host", t["host"], str),
+        port=_port(ctx, f"{key}.port", t["port"]),
+        tls=_tls(ctx, f"{key}.tls", t["tls"], base) if "tls" in t else None,
+        directions=_directions(ctx, f"{key}.directions", t["directions"])
+        if "directions" in t
+        else (Direction.T1_TO_T2, Direction.T2_TO_T1),
+    )
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and validate *path*.  Raises :class:`ConfigError` on any problem."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+    return parse_config(data, p)

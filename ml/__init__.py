@@ -1,0 +1,1 @@
+"""Models, training and inference for T1 <-> T2 MRI synthesis."""

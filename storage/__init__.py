@@ -1,0 +1,1 @@
+"""Durable storage of received instances (spool) and the job ledger."""

@@ -1,0 +1,92 @@
+"""Loopback helpers for tests: free ports, waiting for listeners, real peers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
+needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk is not installed")
+needs_orthanc = pytest.mark.skipif(shutil.which("Orthanc") is None, reason="orthanc is not installed")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def dcmtk_env() -> dict[str, str]:
+    """Environment for dcmtk tools: Nagle off, as the node does for its own sockets."""
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+class DcmtkStoreSCP:
+    """A real dcmtk ``storescp`` on loopback, writing into *folder*."""
+
+    def __init__(self, folder: Path, ae_title: str = "STORESCP", port: int | None = None, extra: list[str] | None = None) -> None:
+        self.folder = folder
+        self.ae_title = ae_title
+        self.port = port or free_port()
+        self.extra = extra or []
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "DcmtkStoreSCP":
+        self.start()
+        return self
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["storescp", "--aetitle", self.ae_title, "--output-directory", str(self.folder), *self.extra, str(self.port)],
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        wait_for_port(self.port, proc=self.proc)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def storescu(port: int, files: list[Path] | Path, called: str = "DICOMNODE", calling: str = "STORESCU",
+             extra: list[str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Send with dcmtk storescu over one association; returns the finished process."""
+    args = ["storescu", "-aet", calling, "-aec", called, *(extra or [])]
+    if isinstance(files, Path) and files.is_dir():
+        args += ["--scan-directories", "127.0.0.1", str(port), str(files)]
+    else:
+        args += ["127.0.0.1", str(port), *[str(f) for f in (files if isinstance(files, list) else [files])]]
+    return subprocess.run(args, env=dcmtk_env(), capture_output=True, text=True, timeout=timeout)
