@@ -78,7 +78,7 @@ class NodeConfig:
     host: str = "0.0.0.0"
     port: int = 11112
     max_associations: int = 10
-    max_pdu: int = 0  # 0 = unlimited
+    max_pdu: int = 262144  # largest PDU we accept (bytes); 0 = unlimited
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0

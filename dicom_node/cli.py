@@ -1,0 +1,141 @@
+"""The ``dicomnode`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from dicom_node import __version__
+from dicom_node.config import Config, ConfigError, load_config
+
+log = logging.getLogger("dicom_node")
+
+
+class UsageFailure(click.ClickException):
+    """One readable line on stderr, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"dicomnode: {self.format_message()}", err=True)
+
+
+def config_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("config.toml"),
+        show_default=True, help="Configuration file (TOML).",
+    )(f)
+
+
+def read_config(path: Path) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise UsageFailure(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dicomnode")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def cli(log_level: str) -> None:
+    """DICOM node: receives MR series and sends back synthetic T2 (or T1) series."""
+    from dicom_node.logsetup import configure
+
+    configure(log_level)
+
+
+@cli.command()
+@config_option
+@click.option("--host", default=None, help="Listen address (overrides node.host).")
+@click.option("--port", type=click.IntRange(0, 65535), default=None, help="Listen port (overrides node.port).")
+@click.option("--ae-title", default=None, help="Our AE title (overrides node.ae_title).")
+@click.option("--workers", type=click.IntRange(0), default=None, help="Worker processes (overrides worker.processes).")
+def serve(config_path: Path, host: str | None, port: int | None, ae_title: str | None, workers: int | None) -> None:
+    """Receive DICOM (C-ECHO, C-STORE) and synthesize complete series."""
+    from dicom_node.serve import serve as run_serve
+
+    cfg = read_config(config_path)
+    try:
+        cfg = cfg.with_overrides(node={"host": host, "port": port, "ae_title": ae_title},
+                                 worker={"processes": workers})
+    except ConfigError as exc:
+        raise UsageFailure(str(exc)) from None
+    try:
+        code = run_serve(cfg)
+    except OSError as exc:
+        raise UsageFailure(f"cannot start: {exc.strerror or exc} ({cfg.node.host}:{cfg.node.port})") from None
+    sys.exit(code)
+
+
+@cli.command()
+@config_option
+def worker(config_path: Path) -> None:
+    """Run one synthesis worker against the shared ledger and spool."""
+    from dicom_node.worker import run_worker
+
+    cfg = read_config(config_path)
+    sys.exit(run_worker(cfg))
+
+
+@cli.command()
+@config_option
+@click.option("--state", default=None, help="Only series/jobs in this state (e.g. receiving, queued, failed).")
+@click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(config_path: Path, state: str | None, limit: int, as_json: bool) -> None:
+    """Show series and jobs, newest first (reads the ledger; works while serve runs)."""
+    from dicom_node.status import render
+    from storage.ledger import Ledger
+
+    cfg = read_config(config_path)
+    ledger = Ledger(cfg.storage.ledger_url)
+    try:
+        data = ledger.status(state=state, limit=limit)
+    finally:
+        ledger.close()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        render(data)
+
+
+@cli.command()
+@config_option
+@click.argument("job_id", type=int)
+def retry(config_path: Path, job_id: int) -> None:
+    """Re-queue a failed job."""
+    from storage.ledger import Ledger
+
+    cfg = read_config(config_path)
+    ledger = Ledger(cfg.storage.ledger_url)
+    try:
+        prev = ledger.retry_job(job_id)
+    except (KeyError, ValueError) as exc:
+        raise UsageFailure(str(exc).strip("'\"")) from None
+    finally:
+        ledger.close()
+    click.echo(f"job {job_id} re-queued (was {prev})")
+
+
+def _register_ml_commands() -> None:
+    from dicom_node.cli_ml import COMMANDS
+
+    for c in COMMANDS:
+        cli.add_command(c)
+
+
+_register_ml_commands()
+
+
+def main() -> None:
+    cli(prog_name="dicomnode")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""Logging configuration for the node's entry points (the CLI and worker processes)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def configure(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    # pynetdicom logs every PDU at INFO; keep its warnings and errors only
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)

@@ -1,0 +1,246 @@
+"""Synthesis worker: claim a job, load the series, run the model, build, deliver.
+
+Runs as its own process (started by ``dicomnode serve`` or ``dicomnode
+worker``).  Models are loaded once per process and kept warm.  Every stage
+is timed and recorded in the ledger; the lease is renewed while a job runs so
+that only the job of a dead worker is ever taken over.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from dicom_node.config import Config, Destination, Direction
+from storage.ledger import ClaimedJob, Ledger, utcnow
+from storage.models import JobState
+
+log = logging.getLogger(__name__)
+
+
+class JobFailed(Exception):
+    """A permanent failure of one job (bad series, rejected by the PACS...)."""
+
+
+def backoff_seconds(attempt: int, initial: float, maximum: float) -> float:
+    """Delay before delivery attempt ``attempt + 1`` (attempt counts from 0)."""
+    return min(maximum, initial * (2 ** attempt))
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, ledger: Ledger, job_id: int, worker: str, lease: float) -> None:
+        super().__init__(daemon=True, name=f"lease-{job_id}")
+        self.ledger, self.job_id, self.worker, self.lease = ledger, job_id, worker, lease
+        self.stop_evt = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_evt.wait(max(1.0, self.lease / 3)):
+            try:
+                self.ledger.renew_lease(self.job_id, self.worker, self.lease)
+            except Exception:
+                log.exception("lease renewal failed for job %d", self.job_id)
+
+
+class Worker:
+    def __init__(self, cfg: Config, ledger: Ledger | None = None) -> None:
+        self.cfg = cfg
+        self.ledger = ledger or Ledger(cfg.storage.ledger_url)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.spool_root = cfg.spool_dir
+        self.output_root = cfg.storage.dir / "output"
+        self._models: dict[str, Any] = {}
+
+    # ------------------------------------------------------------ models
+    def model(self, direction: Direction) -> Any:
+        m = self._models.get(direction.value)
+        if m is None:
+            from ml.inference import load_model
+
+            override = self.cfg.model.t1_to_t2 if direction is Direction.T1_TO_T2 else self.cfg.model.t2_to_t1
+            t0 = time.monotonic()
+            m = load_model(override or self.cfg.model.checkpoint, direction=direction.value, device=self.cfg.model.device)
+            log.info("model %s (%s) loaded in %.1f s", m.name, m.identity, time.monotonic() - t0)
+            self._models[direction.value] = m
+        return m
+
+    # ------------------------------------------------------------ loop
+    def run(self, stop: threading.Event) -> None:
+        log.info("worker %s polling the ledger", self.name)
+        while not stop.is_set():
+            job = self.ledger.claim_job(self.name, self.cfg.worker.lease_seconds)
+            if job is None:
+                stop.wait(self.cfg.worker.poll_seconds)
+                continue
+            self.process(job)
+
+    def process(self, job: ClaimedJob) -> None:
+        hb = _Heartbeat(self.ledger, job.id, self.name, self.cfg.worker.lease_seconds)
+        hb.start()
+        timings = dict(job.timings)
+        if "waiting" not in timings:
+            timings["waiting"] = round((utcnow() - job.created_at).total_seconds(), 3)
+        try:
+            self._process(job, timings)
+        except JobFailed as exc:
+            log.error("job %d (series %s) failed: %s", job.id, job.source_series_uid, exc)
+            self.ledger.job_failed(job.id, self.name, str(exc), timings)
+        except Exception as exc:
+            log.exception("job %d (series %s) failed unexpectedly", job.id, job.source_series_uid)
+            self.ledger.job_failed(job.id, self.name, f"internal error: {type(exc).__name__}: {exc}", timings)
+        finally:
+            hb.stop_evt.set()
+
+    def _stage(self, timings: dict[str, float], name: str, t0: float) -> None:
+        timings[name] = round(timings.get(name, 0.0) + time.monotonic() - t0, 3)
+
+    def _process(self, job: ClaimedJob, timings: dict[str, float]) -> None:
+        direction = Direction(job.direction)
+        files = self._existing_output(job)
+        if files is None:
+            files = self._synthesize(job, direction, timings)
+        self._deliver(job, direction, files, timings)
+
+    def _existing_output(self, job: ClaimedJob) -> list[Path] | None:
+        """Output already built by an earlier run of this job (we resume at delivery)."""
+        if job.state != JobState.DELIVERING.value or not job.output_dir:
+            return None
+        folder = Path(job.output_dir)
+        files = sorted(folder.glob("*.dcm")) if folder.is_dir() else []
+        j = self.ledger.job(job.id)
+        if not files or j is None or len(files) != j.output_instances:
+            return None
+        return files
+
+    def _synthesize(self, job: ClaimedJob, direction: Direction, timings: dict[str, float]) -> list[Path]:
+        from dicom_node import __version__
+        from dicom_node.build import ModelIdentity, build_synthetic_series, write_series
+        from dicom_node.volume import SeriesError, load_series
+        from ml.inference import synthesize
+
+        t0 = time.monotonic()
+        rel = self.ledger.series_files(job.source_series_uid)
+        if not rel:
+            raise JobFailed("no instances of the series in the ledger")
+        paths = [self.spool_root / r for r in rel]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise JobFailed(f"{len(missing)} spooled instance(s) missing, e.g. {missing[0].name}")
+        try:
+            vol = load_series(paths)
+        except SeriesError as exc:
+            raise JobFailed(f"series rejected: {exc}") from None
+        except Exception as exc:
+            raise JobFailed(f"series could not be read: {type(exc).__name__}: {exc}") from None
+        self._stage(timings, "loading", t0)
+        self.ledger.job_running(job.id, self.name, timings)
+
+        t0 = time.monotonic()
+        model = self.model(direction)
+        synth = synthesize(model, vol.nifti_order(), vol.affine_ras(), batch_size=self.cfg.model.batch_size)
+        pixels = vol.from_nifti_order(synth)
+        self._stage(timings, "inference", t0)
+
+        t0 = time.monotonic()
+        datasets = build_synthetic_series(
+            vol, pixels, direction=direction,
+            model=ModelIdentity(name=model.name, version=model.version, identity=model.identity),
+            output=self.cfg.output, node_ae_title=self.cfg.node.ae_title, window=model.window,
+            software_version=__version__,
+        )
+        out_dir = self.output_root / f"job-{job.id}"
+        for old in out_dir.glob("*.dcm") if out_dir.is_dir() else []:
+            old.unlink()
+        files = write_series(datasets, out_dir)
+        self._stage(timings, "building", t0)
+        self.ledger.job_built(job.id, self.name, output_dir=str(out_dir),
+                              output_series_uid=str(datasets[0].SeriesInstanceUID),
+                              output_instances=len(files), model_identity=model.identity, timings=timings)
+        log.info("job %d: %s series %s -> %s, %d instances (load %.1f s, inference %.1f s, build %.1f s)",
+                 job.id, direction.value, job.source_series_uid, datasets[0].SeriesInstanceUID, len(files),
+                 timings.get("loading", 0), timings.get("inference", 0), timings.get("building", 0))
+        return files
+
+    def destinations_for(self, direction: Direction) -> list[Destination]:
+        return [d for d in self.cfg.destinations if direction in d.directions]
+
+    def _deliver(self, job: ClaimedJob, direction: Direction, files: list[Path], timings: dict[str, float]) -> None:
+        from dicom_node.deliver import deliver
+
+        dests = self.destinations_for(direction)
+        if not dests:
+            log.warning("job %d: no destination takes %s; output kept in the spool", job.id, direction.value)
+            self.ledger.job_done(job.id, self.name, timings)
+            return
+        done = self.ledger.delivered_destinations(job.id, len(files))
+        t0 = time.monotonic()
+        retryable: list[str] = []
+        permanent: list[str] = []
+        calling = self.cfg.delivery.calling_ae_title or self.cfg.node.ae_title
+        for dest in dests:
+            if dest.label in done:
+                continue
+            res = deliver(files, dest, calling_ae_title=calling, timeout=self.cfg.delivery.timeout_seconds)
+            self.ledger.record_deliveries(
+                job.id, dest.label, [(o.sop_instance_uid, o.status, o.stored, o.detail) for o in res.outcomes]
+            )
+            if res.ok:
+                continue
+            failed = [o for o in res.outcomes if not o.stored]
+            first = res.error or (f"0x{failed[0].status:04X} {failed[0].detail}" if failed and failed[0].status is not None
+                                  else (failed[0].detail if failed else "unknown"))
+            msg = f"{dest.label}: {len(failed)}/{len(files)} not stored ({first})"
+            (retryable if res.retryable else permanent).append(msg)
+        self._stage(timings, "sending", t0)
+        if permanent:
+            raise JobFailed("delivery failed: " + "; ".join(permanent + retryable))
+        if retryable:
+            j = self.ledger.job(job.id)
+            attempts = (j.attempts if j else job.attempts) + 1
+            if attempts >= self.cfg.delivery.max_attempts:
+                raise JobFailed(f"delivery gave up after {attempts} attempts: " + "; ".join(retryable))
+            delay = backoff_seconds(attempts - 1, self.cfg.delivery.backoff_initial_seconds,
+                                    self.cfg.delivery.backoff_max_seconds)
+            log.warning("job %d: delivery attempt %d failed, retrying in %.0f s: %s", job.id, attempts, delay,
+                        "; ".join(retryable))
+            self.ledger.job_retry_later(job.id, self.name, "; ".join(retryable), delay, timings)
+            return
+        self.ledger.job_done(job.id, self.name, timings)
+        log.info("job %d done: %d instances delivered to %s (waiting %.1f s, sending %.1f s)", job.id, len(files),
+                 ", ".join(d.label for d in dests), timings.get("waiting", 0), timings.get("sending", 0))
+
+
+def run_worker(cfg: Config, stop: threading.Event | None = None) -> int:
+    stop = stop or threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("worker received %s; stopping after the current step", signal.Signals(signum).name)
+        stop.set()
+        # a job interrupted now is resumed by the next worker when its lease is released
+        raise SystemExit(0)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    worker = Worker(cfg)
+    try:
+        worker.run(stop)
+    except SystemExit:
+        pass
+    finally:
+        worker.ledger.release_own(worker.name)
+        worker.ledger.close()
+    return 0
+
+
+def worker_main(cfg: Config, index: int, log_level: str = "INFO") -> None:
+    """Entry point of a worker process spawned by ``dicomnode serve``."""
+    from dicom_node.logsetup import configure
+
+    configure(log_level)
+    run_worker(cfg)

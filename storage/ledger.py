@@ -1,0 +1,508 @@
+"""The job ledger: instances, series and jobs, with their states.
+
+Every method is one short transaction.  Concurrency rules:
+
+* instances are unique by SOP Instance UID (a resend is idempotent);
+* a series completes with a conditional UPDATE that only succeeds if no new
+  instance arrived meanwhile;
+* a job is claimed with a conditional UPDATE on its state and lease
+  (``SELECT ... FOR UPDATE SKIP LOCKED`` on databases that have it), so two
+  workers never run the same job and a dead worker's job is taken over once
+  its lease expires.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Iterable, Sequence
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.db import make_engine, migrate
+from storage.models import (
+    ACTIVE_JOB_STATES,
+    Delivery,
+    Instance,
+    Job,
+    JobState,
+    Rejection,
+    Series,
+    SeriesState,
+)
+
+log = logging.getLogger(__name__)
+
+
+def utcnow() -> datetime:
+    """Naive UTC (portable across SQLite and PostgreSQL ``timestamp``)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def iso(dt: datetime | None) -> str | None:
+    return None if dt is None else dt.replace(tzinfo=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    path: str
+    size_bytes: int
+    calling_aet: str
+    modality: str | None
+    description: str | None
+    attrs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    series_id: int
+    duplicate: bool  # the SOP Instance UID was already stored
+    reopened: bool  # the series had been handed on and is receiving again
+    generation: int
+
+
+@dataclass(frozen=True)
+class DueSeries:
+    id: int
+    series_uid: str
+    study_uid: str
+    instances: int
+    generation: int
+    calling_aet: str
+    first_received_at: datetime
+    last_received_at: datetime
+    trigger: str  # "quiet" or "release"
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: int
+    series_id: int
+    source_series_uid: str
+    generation: int
+    direction: str
+    state: str  # state it was claimed from: queued, running (lease expired) or delivering
+    output_dir: str | None
+    output_series_uid: str | None
+    attempts: int
+    runs: int
+    created_at: datetime
+    timings: dict[str, float]
+
+
+class Ledger:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.schema_version = migrate(self.engine)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def session(self) -> Session:
+        return self._session()
+
+    # ============================================================ receiving
+    def record_instance(self, rec: InstanceRecord, now: datetime | None = None) -> RecordOutcome:
+        now = now or utcnow()
+        for attempt in range(3):
+            try:
+                return self._record_instance(rec, now)
+            except IntegrityError:
+                # a concurrent association created the same series/instance first
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _record_instance(self, rec: InstanceRecord, now: datetime) -> RecordOutcome:
+        with self.session() as s, s.begin():
+            series = s.scalar(select(Series).where(Series.series_uid == rec.series_uid))
+            if series is None:
+                series = Series(
+                    study_uid=rec.study_uid,
+                    series_uid=rec.series_uid,
+                    state=SeriesState.RECEIVING.value,
+                    generation=1,
+                    instances=0,
+                    calling_aet=rec.calling_aet,
+                    modality=rec.modality,
+                    description=(rec.description or None) and rec.description[:128],
+                    first_received_at=now,
+                    last_received_at=now,
+                )
+                s.add(series)
+                s.flush()
+            existing = s.scalar(select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid))
+            if existing is not None:
+                # resend: the file was replaced in place; refresh the row, no new instance
+                existing.size_bytes = rec.size_bytes
+                existing.transfer_syntax = rec.transfer_syntax
+                existing.received_at = now
+                existing.attrs = rec.attrs
+                if series.state == SeriesState.RECEIVING.value:
+                    series.last_received_at = now
+                return RecordOutcome(series.id, duplicate=True, reopened=False, generation=series.generation)
+            s.add(
+                Instance(
+                    sop_instance_uid=rec.sop_instance_uid,
+                    series_id=series.id,
+                    sop_class_uid=rec.sop_class_uid,
+                    transfer_syntax=rec.transfer_syntax,
+                    path=rec.path,
+                    size_bytes=rec.size_bytes,
+                    calling_aet=rec.calling_aet,
+                    received_at=now,
+                    attrs=rec.attrs,
+                )
+            )
+            reopened = False
+            if series.state != SeriesState.RECEIVING.value:
+                reopened = True
+                series.state = SeriesState.RECEIVING.value
+                series.generation += 1
+                series.completed_at = None
+                series.classification = None
+                series.reason = None
+                # a job not yet started is covered by the job of the grown series
+                s.execute(
+                    update(Job)
+                    .where(Job.series_id == series.id, Job.state == JobState.QUEUED.value)
+                    .values(state=JobState.SUPERSEDED.value, error="series grew before the job started",
+                            finished_at=now)
+                )
+            series.instances += 1
+            series.last_received_at = now
+            series.release_seen_at = None
+            return RecordOutcome(series.id, duplicate=False, reopened=reopened, generation=series.generation)
+
+    def record_rejection(
+        self,
+        *,
+        calling_aet: str,
+        sop_instance_uid: str | None,
+        sop_class_uid: str | None,
+        status: int,
+        reason: str,
+    ) -> None:
+        with self.session() as s, s.begin():
+            s.add(
+                Rejection(
+                    at=utcnow(),
+                    calling_aet=calling_aet,
+                    sop_instance_uid=(sop_instance_uid or None) and str(sop_instance_uid)[:128],
+                    sop_class_uid=(sop_class_uid or None) and str(sop_class_uid)[:128],
+                    status=status,
+                    reason=reason,
+                )
+            )
+
+    def mark_released(self, series_uids: Iterable[str], now: datetime | None = None) -> None:
+        uids = list(series_uids)
+        if not uids:
+            return
+        with self.session() as s, s.begin():
+            s.execute(
+                update(Series)
+                .where(Series.series_uid.in_(uids), Series.state == SeriesState.RECEIVING.value)
+                .values(release_seen_at=now or utcnow())
+            )
+
+    def known_instance_paths(self) -> set[str]:
+        with self.session() as s:
+            return set(s.scalars(select(Instance.path)))
+
+    # ============================================================ completion
+    def due_series(self, quiet_seconds: float, release_grace_seconds: float | None,
+                   now: datetime | None = None) -> list[DueSeries]:
+        now = now or utcnow()
+        quiet_cut = now - timedelta(seconds=quiet_seconds)
+        conds = [Series.last_received_at <= quiet_cut]
+        if release_grace_seconds is not None:
+            rel_cut = now - timedelta(seconds=release_grace_seconds)
+            conds.append(and_(Series.release_seen_at.is_not(None), Series.release_seen_at <= rel_cut,
+                              Series.last_received_at <= Series.release_seen_at))
+        with self.session() as s:
+            rows = s.scalars(
+                select(Series).where(Series.state == SeriesState.RECEIVING.value, or_(*conds)).order_by(Series.id)
+            ).all()
+            return [
+                DueSeries(
+                    r.id, r.series_uid, r.study_uid, r.instances, r.generation, r.calling_aet,
+                    r.first_received_at, r.last_received_at,
+                    "quiet" if r.last_received_at <= quiet_cut else "release",
+                )
+                for r in rows
+            ]
+
+    def series_attrs(self, series_id: int) -> list[dict[str, Any]]:
+        with self.session() as s:
+            rows = s.execute(
+                select(Instance.attrs, Instance.sop_class_uid).where(Instance.series_id == series_id)
+            ).all()
+            return [dict(a or {}, sop_class_uid=c) for a, c in rows]
+
+    def series_files(self, series_uid: str) -> list[str]:
+        with self.session() as s:
+            sid = s.scalar(select(Series.id).where(Series.series_uid == series_uid))
+            if sid is None:
+                return []
+            return list(s.scalars(select(Instance.path).where(Instance.series_id == sid).order_by(Instance.id)))
+
+    def complete_series(
+        self,
+        due: DueSeries,
+        *,
+        classification: str,
+        reason: str,
+        direction: str | None,
+        now: datetime | None = None,
+    ) -> int | None | bool:
+        """Hand a quiet series on.  Returns the new job id, ``None`` when the
+        series is not selected, or ``False`` when it changed meanwhile (retry later)."""
+        now = now or utcnow()
+        selected = direction is not None
+        with self.session() as s, s.begin():
+            res = s.execute(
+                update(Series)
+                .where(
+                    Series.id == due.id,
+                    Series.state == SeriesState.RECEIVING.value,
+                    Series.instances == due.instances,
+                    Series.generation == due.generation,
+                    Series.last_received_at == due.last_received_at,
+                )
+                .values(
+                    state=(SeriesState.SELECTED if selected else SeriesState.NOT_SELECTED).value,
+                    classification=classification,
+                    reason=reason,
+                    completed_at=now,
+                )
+            )
+            if res.rowcount != 1:
+                return False
+            if not selected:
+                return None
+            job = Job(
+                series_id=due.id,
+                source_series_uid=due.series_uid,
+                generation=due.generation,
+                direction=direction,
+                state=JobState.QUEUED.value,
+                next_attempt_at=now,
+                created_at=now,
+                timings={},
+            )
+            s.add(job)
+            s.flush()
+            return job.id
+
+    # ============================================================ jobs
+    def claim_job(self, worker: str, lease_seconds: float, now: datetime | None = None) -> ClaimedJob | None:
+        now = now or utcnow()
+        claimable = or_(
+            and_(Job.state == JobState.QUEUED.value, Job.next_attempt_at <= now),
+            and_(
+                Job.state.in_([JobState.RUNNING.value, JobState.DELIVERING.value]),
+                Job.lease_expires_at.is_not(None),
+                Job.lease_expires_at <= now,
+                Job.next_attempt_at <= now,
+            ),
+        )
+        lease = now + timedelta(seconds=lease_seconds)
+        with self.session() as s, s.begin():
+            cand = s.execute(
+                select(Job.id, Job.state).where(claimable).order_by(Job.next_attempt_at, Job.id).limit(1)
+                .with_for_update(skip_locked=True)
+            ).first()
+            if cand is None:
+                return None
+            job_id, from_state = cand
+            new_state = JobState.DELIVERING.value if from_state == JobState.DELIVERING.value else JobState.RUNNING.value
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, claimable)
+                .values(state=new_state, worker=worker, lease_expires_at=lease, runs=Job.runs + 1,
+                        started_at=func.coalesce(Job.started_at, now))
+            )
+            if res.rowcount != 1:
+                return None  # another worker won the race
+            j = s.get(Job, job_id)
+            assert j is not None
+            s.refresh(j)
+            return ClaimedJob(j.id, j.series_id, j.source_series_uid, j.generation, j.direction, from_state,
+                              j.output_dir, j.output_series_uid, j.attempts, j.runs, j.created_at, dict(j.timings or {}))
+
+    def _update_owned(self, job_id: int, worker: str, **values: Any) -> bool:
+        with self.session() as s, s.begin():
+            res = s.execute(update(Job).where(Job.id == job_id, Job.worker == worker).values(**values))
+            return res.rowcount == 1
+
+    def release_leases(self, host: str, alive: Callable[[str], bool]) -> int:
+        """Make jobs held by dead workers of *host* claimable now (workers are named host:pid)."""
+        return self._release(Job.worker.like(f"{host}:%"), lambda w: not alive(w))
+
+    def release_own(self, worker: str) -> int:
+        """A worker that stops hands its job back at once."""
+        return self._release(Job.worker == worker, lambda w: True)
+
+    def _release(self, where: Any, release: Callable[[str], bool]) -> int:
+        now = utcnow()
+        n = 0
+        with self.session() as s, s.begin():
+            for j in s.scalars(select(Job).where(Job.state.in_([JobState.RUNNING.value, JobState.DELIVERING.value]),
+                                                 where)):
+                if j.worker and release(j.worker):
+                    j.lease_expires_at = max(now, j.next_attempt_at) if j.state == JobState.DELIVERING.value else now
+                    n += 1
+        return n
+
+    def renew_lease(self, job_id: int, worker: str, lease_seconds: float) -> bool:
+        return self._update_owned(job_id, worker, lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+
+    def job_running(self, job_id: int, worker: str, timings: dict[str, float], **values: Any) -> bool:
+        return self._update_owned(job_id, worker, timings=timings, **values)
+
+    def job_built(self, job_id: int, worker: str, *, output_dir: str, output_series_uid: str,
+                  output_instances: int, model_identity: str, timings: dict[str, float]) -> bool:
+        return self._update_owned(
+            job_id, worker, state=JobState.DELIVERING.value, output_dir=output_dir,
+            output_series_uid=output_series_uid, output_instances=output_instances,
+            model_identity=model_identity, timings=timings, error=None,
+        )
+
+    def job_done(self, job_id: int, worker: str, timings: dict[str, float]) -> bool:
+        return self._update_owned(job_id, worker, state=JobState.DONE.value, finished_at=utcnow(),
+                                  lease_expires_at=None, timings=timings, error=None)
+
+    def job_failed(self, job_id: int, worker: str, error: str, timings: dict[str, float] | None = None) -> bool:
+        values: dict[str, Any] = dict(state=JobState.FAILED.value, finished_at=utcnow(), lease_expires_at=None,
+                                      error=error[:2000])
+        if timings is not None:
+            values["timings"] = timings
+        return self._update_owned(job_id, worker, **values)
+
+    def job_retry_later(self, job_id: int, worker: str, error: str, delay_seconds: float,
+                        timings: dict[str, float]) -> bool:
+        """A retryable delivery failure: keep the built output, try again after *delay_seconds*."""
+        at = utcnow() + timedelta(seconds=delay_seconds)
+        return self._update_owned(job_id, worker, state=JobState.DELIVERING.value, next_attempt_at=at,
+                                  lease_expires_at=at, attempts=Job.attempts + 1, error=error[:2000],
+                                  timings=timings)
+
+    def retry_job(self, job_id: int) -> str:
+        """Re-queue a failed (or done) job from the start.  Returns the previous state."""
+        with self.session() as s, s.begin():
+            j = s.get(Job, job_id)
+            if j is None:
+                raise KeyError(f"no job {job_id}")
+            prev = j.state
+            if prev in ACTIVE_JOB_STATES:
+                raise ValueError(f"job {job_id} is {prev}; only failed or done jobs can be retried")
+            j.state = JobState.QUEUED.value
+            j.next_attempt_at = utcnow()
+            j.lease_expires_at = None
+            j.worker = None
+            j.attempts = 0
+            j.error = None
+            j.finished_at = None
+            s.execute(update(Delivery).where(Delivery.job_id == job_id).values(stored=False))
+            return prev
+
+    def record_deliveries(self, job_id: int, destination: str, outcomes: Sequence[tuple[str, int | None, bool, str]]) -> None:
+        """Upsert (sop_instance_uid, status, stored, detail) rows for one destination."""
+        now = utcnow()
+        with self.session() as s, s.begin():
+            existing = {
+                d.sop_instance_uid: d
+                for d in s.scalars(select(Delivery).where(Delivery.job_id == job_id, Delivery.destination == destination))
+            }
+            for uid, status, stored, detail in outcomes:
+                d = existing.get(uid)
+                if d is None:
+                    d = Delivery(job_id=job_id, destination=destination, sop_instance_uid=uid, attempts=0)
+                    s.add(d)
+                d.status = status
+                d.stored = stored
+                d.detail = detail
+                d.attempts = (d.attempts or 0) + 1
+                d.updated_at = now
+
+    def delivered_destinations(self, job_id: int, expected: int) -> set[str]:
+        """Destinations where all *expected* instances of the job are stored."""
+        with self.session() as s:
+            rows = s.execute(
+                select(Delivery.destination, func.count())
+                .where(Delivery.job_id == job_id, Delivery.stored.is_(True))
+                .group_by(Delivery.destination)
+            ).all()
+            return {d for d, n in rows if n >= expected}
+
+    def job(self, job_id: int) -> Job | None:
+        with self.session() as s:
+            return s.get(Job, job_id)
+
+    # ============================================================ reading
+    def status(self, *, state: str | None = None, limit: int = 50) -> dict[str, list[dict[str, Any]]]:
+        with self.session() as s:
+            sq = select(Series).order_by(Series.last_received_at.desc(), Series.id.desc()).limit(limit)
+            jq = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+            if state:
+                sq = sq.where(Series.state == state)
+                jq = jq.where(Job.state == state)
+            series = [
+                {
+                    "study_uid": r.study_uid,
+                    "series_uid": r.series_uid,
+                    "state": r.state,
+                    "instances": r.instances,
+                    "calling_aet": r.calling_aet,
+                    "modality": r.modality,
+                    "description": r.description,
+                    "classification": r.classification,
+                    "reason": r.reason,
+                    "generation": r.generation,
+                    "first_received_at": iso(r.first_received_at),
+                    "last_received_at": iso(r.last_received_at),
+                    "completed_at": iso(r.completed_at),
+                }
+                for r in s.scalars(sq)
+            ]
+            jobs = [
+                {
+                    "id": j.id,
+                    "state": j.state,
+                    "direction": j.direction,
+                    "source_series_uid": j.source_series_uid,
+                    "output_series_uid": j.output_series_uid,
+                    "output_instances": j.output_instances,
+                    "error": j.error,
+                    "attempts": j.attempts,
+                    "worker": j.worker,
+                    "created_at": iso(j.created_at),
+                    "started_at": iso(j.started_at),
+                    "finished_at": iso(j.finished_at),
+                    "next_attempt_at": iso(j.next_attempt_at) if j.state == JobState.DELIVERING.value else None,
+                    "timings": dict(j.timings or {}),
+                }
+                for j in s.scalars(jq)
+            ]
+            rejections = [
+                {
+                    "at": iso(r.at),
+                    "calling_aet": r.calling_aet,
+                    "sop_instance_uid": r.sop_instance_uid,
+                    "status": f"0x{r.status:04X}",
+                    "reason": r.reason,
+                }
+                for r in s.scalars(select(Rejection).order_by(Rejection.id.desc()).limit(limit))
+            ] if not state else []
+        return {"series": series, "jobs": jobs, "rejections": rejections}

@@ -1,0 +1,127 @@
+"""Ledger tables (SQLAlchemy 2.x declarative).  Plain, portable column types only."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SeriesState(str, enum.Enum):
+    RECEIVING = "receiving"  # instances arriving; completes after the quiet period
+    SELECTED = "selected"  # complete, eligible: a job was queued
+    NOT_SELECTED = "not_selected"  # complete, not eligible (reason recorded)
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"  # loading, inference, building
+    DELIVERING = "delivering"  # output built; sending (or waiting to retry)
+    DONE = "done"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"  # the series grew before this job started; a newer job covers it
+
+
+ACTIVE_JOB_STATES = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.DELIVERING.value)
+
+
+class Meta(Base):
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+
+
+class Series(Base):
+    __tablename__ = "series"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING.value, index=True)
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    calling_aet: Mapped[str] = mapped_column(String(16), default="")
+    modality: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    description: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    classification: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    first_received_at: Mapped[datetime] = mapped_column(DateTime)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    release_seen_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(256))  # relative to the spool
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    calling_aet: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+    attrs: Mapped[dict[str, Any]] = mapped_column(JSON)  # header facts used by selection (no patient data)
+
+
+class Rejection(Base):
+    """An instance we answered with a failure status (it is not stored)."""
+
+    __tablename__ = "rejections"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    calling_aet: Mapped[str] = mapped_column(String(16))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    sop_class_uid: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    status: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    source_series_uid: Mapped[str] = mapped_column(String(64), index=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    direction: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    output_series_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    output_dir: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    output_instances: Mapped[int] = mapped_column(Integer, default=0)
+    model_identity: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # delivery attempts
+    runs: Mapped[int] = mapped_column(Integer, default=0)  # times a worker claimed it
+    worker: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+
+    __table_args__ = (Index("ix_jobs_claim", "state", "next_attempt_at"),)
+
+
+class Delivery(Base):
+    """Outcome of one synthetic instance at one destination."""
+
+    __tablename__ = "deliveries"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(128))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    stored: Mapped[bool] = mapped_column(default=False)
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+    __table_args__ = (UniqueConstraint("job_id", "destination", "sop_instance_uid"),)

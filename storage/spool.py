@@ -1,0 +1,167 @@
+"""The instance spool: received DICOM files, made durable before we say "success".
+
+Layout under ``<storage.dir>/spool``::
+
+    .incoming/                      temporary files being received (same file system)
+    <StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm
+
+A file only ever appears under its final name complete and fsynced: the data
+is fsynced, renamed atomically into place and the folder entry fsynced.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+#: errno values that mean "we are out of resources", not "the data is bad"
+RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO})
+
+
+class SpoolFull(OSError):
+    """The spool cannot take more data (disk full, below the free-space floor, unwritable)."""
+
+
+def valid_uid(uid: object) -> bool:
+    """True for a DICOM UID that is safe to use as a path component."""
+    return isinstance(uid, str) and 0 < len(uid) <= 64 and bool(_UID_RE.match(uid))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class SpooledFile:
+    path: Path
+    relpath: str
+    size: int
+
+
+class Spool:
+    def __init__(self, root: Path, min_free_mb: int = 0) -> None:
+        self.root = root
+        self.incoming = root / ".incoming"
+        self.min_free_bytes = min_free_mb * 1024 * 1024
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
+
+    # ------------------------------------------------------------------ paths
+    def relpath_for(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        for name, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid), ("SOPInstanceUID", sop_uid)):
+            if not valid_uid(uid):
+                raise ValueError(f"invalid {name} {uid!r}")
+        return f"{study_uid}/{series_uid}/{sop_uid}.dcm"
+
+    def path(self, relpath: str) -> Path:
+        return self.root / relpath
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, incoming_bytes: int = 0) -> None:
+        if self.min_free_bytes <= 0:
+            return
+        free = self.free_bytes()
+        if free - incoming_bytes < self.min_free_bytes:
+            raise SpoolFull(
+                errno.ENOSPC,
+                f"spool has {free // 2**20} MB free, below storage.min_free_mb={self.min_free_bytes // 2**20}",
+            )
+
+    # ---------------------------------------------------------------- commit
+    def commit(self, tmp: Path, study_uid: str, series_uid: str, sop_uid: str) -> SpooledFile:
+        """Make *tmp* durable under its final name (fsync, rename, fsync folder).
+
+        *tmp* must be on the spool's file system (``self.incoming``).  A file
+        already stored under the same SOP Instance UID is replaced atomically.
+        Raises :class:`SpoolFull` for resource problems.
+        """
+        rel = self.relpath_for(study_uid, series_uid, sop_uid)
+        final = self.root / rel
+        try:
+            size = tmp.stat().st_size
+            self.check_space(0)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            folder = final.parent
+            if folder not in self._known_dirs:
+                new_dirs = [p for p in (folder.parent, folder) if not p.exists()]
+                folder.mkdir(parents=True, exist_ok=True)
+                for d in new_dirs:  # make the new folder entries durable too
+                    fsync_dir(d.parent)
+                self._known_dirs.add(folder)
+            os.replace(tmp, final)
+            fsync_dir(folder)
+        except SpoolFull:
+            raise
+        except OSError as exc:
+            if exc.errno in RESOURCE_ERRNOS:
+                self._known_dirs.discard(final.parent)
+                raise SpoolFull(exc.errno, f"cannot write spool: {exc.strerror} ({final.parent})") from exc
+            raise
+        return SpooledFile(final, rel, size)
+
+    def write_bytes(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str) -> SpooledFile:
+        """Durably store *data* (used when a dataset arrives in memory)."""
+        self.check_space(len(data))
+        fd, name = _mkstemp(self.incoming)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+        except OSError as exc:
+            os.unlink(name)
+            if exc.errno in RESOURCE_ERRNOS:
+                raise SpoolFull(exc.errno, f"cannot write spool: {exc.strerror}") from exc
+            raise
+        return self.commit(Path(name), study_uid, series_uid, sop_uid)
+
+    # ------------------------------------------------------------ maintenance
+    def clean_incoming(self) -> int:
+        """Remove partial files left by interrupted transfers; returns how many."""
+        n = 0
+        for p in self.incoming.iterdir():
+            try:
+                p.unlink()
+                n += 1
+            except OSError:
+                pass
+        return n
+
+    def iter_files(self) -> Iterator[str]:
+        """Relative paths of every committed instance (for start-up reconciliation)."""
+        with os.scandir(self.root) as studies:
+            for study in studies:
+                if study.name.startswith(".") or not study.is_dir():
+                    continue
+                with os.scandir(study.path) as series_it:
+                    for series in series_it:
+                        if not series.is_dir():
+                            continue
+                        with os.scandir(series.path) as files:
+                            for f in files:
+                                if f.name.endswith(".dcm"):
+                                    yield f"{study.name}/{series.name}/{f.name}"
+
+
+def _mkstemp(folder: Path) -> tuple[int, str]:
+    import tempfile
+
+    return tempfile.mkstemp(dir=folder, suffix=".part")
