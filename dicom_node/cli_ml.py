@@ -1,7 +1,268 @@
-"""Research commands (train / evaluate / predict); filled in by the ml work."""
+"""Research commands: ``dicomnode train`` / ``evaluate`` / ``predict``.
+
+torch and the ``ml`` modules are imported inside the commands so that the
+node's other commands start fast.  Bad input (missing data, bad checkpoint,
+bad option, bad config) prints one line and exits with status 2.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
 import click
 
-COMMANDS: list[click.Command] = []
+__all__ = ["COMMANDS", "MLUsageError"]
+
+log = logging.getLogger(__name__)
+
+
+class MLUsageError(click.ClickException):
+    """One readable line on stderr, exit status 2."""
+
+    exit_code = 2
+
+
+def _fail(message: str) -> NoReturn:
+    raise MLUsageError(message)
+
+
+def _setup_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("ml").setLevel(logging.INFO)
+
+
+def _config_device(config: Path | None, device: str | None) -> str:
+    """--device, else ``model.device`` from --config, else ``auto``."""
+    if device:
+        return device
+    if config is None:
+        return "auto"
+    from dicom_node.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        click.echo(str(exc).replace("\n", " "), err=True)
+        sys.exit(2)
+    return str(cfg.model.device)
+
+
+def _config_checkpoint(config: Path | None, checkpoint: str | None) -> str:
+    if checkpoint:
+        return checkpoint
+    if config is None:
+        return "default"
+    from dicom_node.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        click.echo(str(exc).replace("\n", " "), err=True)
+        sys.exit(2)
+    return str(cfg.model.checkpoint)
+
+
+def _load(checkpoint: str, direction: str | None, device: str) -> Any:
+    from ml.checkpoint import CheckpointError
+    from ml.inference import load_model
+
+    try:
+        return load_model(checkpoint, direction=direction, device=device)
+    except (CheckpointError, ValueError) as exc:
+        _fail(str(exc))
+
+
+def _progress() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), transient=False)
+
+
+_config_option = click.option("--config", "config", type=click.Path(path_type=Path), default=None,
+                              help="Node configuration file (model.device / model.checkpoint defaults).")
+_DIRECTIONS = click.Choice(["t1-to-t2", "t2-to-t1"])
+
+
+@click.command("train")
+@click.option("--model", type=click.Choice(["unet", "cyclegan"]), default="unet", show_default=True)
+@click.option("--direction", type=_DIRECTIONS, default="t1-to-t2", show_default=True,
+              help="For a CycleGAN both directions are trained; this one is the default when loading.")
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="Folder of subjects with T1 and T2.")
+@click.option("--val-subjects", multiple=True, help="Subject folder names held out for validation (repeatable or comma-separated).")
+@click.option("--exclude-subjects", multiple=True, help="Subject folder names not used at all.")
+@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Default 1e-3 (U-Net), 2e-4 (CycleGAN).")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N (default: config model.device, else auto).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder (written every epoch).")
+@click.option("--resume", is_flag=True, help="Continue the training saved in --out.")
+@click.option("--crop", type=click.IntRange(min=16), default=128, show_default=True, help="Training patch size.")
+@click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="Default: one pass over the training slices.")
+@click.option("--network", "network_json", default=None,
+              help='Network options as JSON, e.g. \'{"base_width": 12, "depth": 4, "norm": "batch", '
+                   '"upsampling": "resize-conv", "sobel": true, "context_slices": 1, "dropout": 0.1}\'.')
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-augment", is_flag=True, help="Disable flips / affine / intensity augmentation.")
+@_config_option
+def train_command(model: str, direction: str, data: Path, val_subjects: tuple[str, ...], exclude_subjects: tuple[str, ...],
+                  epochs: int, batch_size: int, lr: float | None, device: str | None, out: Path, resume: bool, crop: int,
+                  steps_per_epoch: int | None, network_json: str | None, seed: int, no_augment: bool,
+                  config: Path | None) -> None:
+    """Train a U-Net (paired) or a CycleGAN (unpaired) T1<->T2 model; works under torchrun."""
+    _setup_logging()
+    dev = _config_device(config, device)
+    from ml.data import DataError
+    from ml.networks import OptionError
+    from ml.train import TrainConfig, TrainError, train
+
+    network: dict[str, Any] = {}
+    if network_json:
+        try:
+            network = json.loads(network_json)
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"not valid JSON ({exc})", param_hint="--network") from None
+        if not isinstance(network, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="--network")
+
+    def split(values: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(v.strip() for item in values for v in item.split(",") if v.strip())
+
+    cfg = TrainConfig(model=model, direction=direction, data=data, out=out, val_subjects=split(val_subjects),
+                      exclude_subjects=split(exclude_subjects), epochs=epochs, batch_size=batch_size, lr=lr, device=dev,
+                      resume=resume, crop=crop, steps_per_epoch=steps_per_epoch, seed=seed, network=network,
+                      augment=not no_augment)
+    try:
+        path = train(cfg)
+    except (DataError, OptionError, TrainError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; continue with: dicomnode train ... --out {out} --resume", err=True)
+        sys.exit(130)
+    click.echo(f"checkpoint written to {path}")
+
+
+@click.command("evaluate")
+@click.option("--checkpoint", default=None, help='Checkpoint folder or file, or "default" (the shipped model).')
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="Folder of subjects with T1 and T2.")
+@click.option("--direction", type=_DIRECTIONS, default=None, help="Needed for default / CycleGAN checkpoints.")
+@click.option("--subjects", multiple=True, help="Only these subject folders (repeatable).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write all figures as JSON.")
+@click.option("--png", "png_dir", type=click.Path(path_type=Path), default=None, help="Folder for one PNG per subject.")
+@click.option("--device", default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@_config_option
+def evaluate_command(checkpoint: str | None, data: Path, direction: str | None, subjects: tuple[str, ...],
+                     json_out: Path | None, png_dir: Path | None, device: str | None, batch_size: int,
+                     config: Path | None) -> None:
+    """Per-subject and mean MSE/MAE/PSNR/SSIM (whole and masked) for the model and two baselines."""
+    _setup_logging()
+    dev = _config_device(config, device)
+    ckpt = _config_checkpoint(config, checkpoint)
+    model = _load(ckpt, direction, dev)
+    from ml.data import DataError
+    from ml.evaluate import METHODS, evaluate, write_json
+
+    try:
+        from ml.data import discover_paired
+
+        n = len(subjects) if subjects else len(discover_paired(data))
+        with _progress() as prog:
+            task = prog.add_task("evaluate", total=n)
+            seen: list[str] = []
+
+            def step(name: str) -> None:
+                if seen:
+                    prog.advance(task)
+                seen.append(name)
+                prog.update(task, description=f"evaluate {name}")
+
+            result = evaluate(model, data, subjects=subjects or None, png_dir=png_dir, batch_size=batch_size, progress=step)
+            prog.update(task, completed=n)
+    except DataError as exc:
+        _fail(str(exc))
+    _print_result(result, METHODS)
+    if json_out is not None:
+        write_json(result, json_out)
+        click.echo(f"figures written to {json_out}")
+
+
+def _print_result(result: dict[str, Any], methods: tuple[str, ...]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{result['checkpoint']}[/] ({result['direction']}) on {result['data']}")
+    console.print(f"normalization: {result['normalization']}")
+    console.print(f"mask: {result['mask']}")
+    table = Table("subject", "method", "PSNR", "SSIM", "MSE", "MAE", "PSNR mask", "SSIM mask", "MSE mask", "MAE mask",
+                  "paper MSE", "paper MAE", "paper PSNR")
+    rows = [(n, r) for n, r in result["subjects"].items()]
+    if result["mean"]:
+        rows.append(("MEAN (all)", result["mean"]))
+    if result["mean_held_out"] and len(result["held_out_subjects"]) != len(result["subjects"]):
+        rows.append(("MEAN (held out)", result["mean_held_out"]))
+    for name, r in rows:
+        label = name + ("" if not isinstance(r.get("held_out"), bool) else (" (held out)" if r["held_out"] else " (train)"))
+        for method in methods:
+            m = r[method]
+            table.add_row(label, method, f"{m['psnr']:.2f}", f"{m['ssim']:.3f}", f"{m['mse']:.4f}", f"{m['mae']:.4f}",
+                          f"{m.get('psnr_masked', float('nan')):.2f}", f"{m.get('ssim_masked', float('nan')):.3f}",
+                          f"{m.get('mse_masked', float('nan')):.4f}", f"{m.get('mae_masked', float('nan')):.4f}",
+                          f"{m['paper_mse']:.4f}", f"{m['paper_mae']:.4f}", f"{m['paper_psnr']:.2f}")
+            label = ""
+    console.print(table)
+
+
+@click.command("predict")
+@click.option("--checkpoint", default=None, help='Checkpoint folder or file, or "default" (the shipped model).')
+@click.option("--input", "input_path", type=click.Path(path_type=Path), required=True, help="NIfTI file or DICOM series folder.")
+@click.option("--output", type=click.Path(path_type=Path), required=True, help="Output NIfTI (.nii or .nii.gz), uint16.")
+@click.option("--direction", type=_DIRECTIONS, default=None, help="Needed for default / CycleGAN checkpoints (default t1-to-t2).")
+@click.option("--device", default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@_config_option
+def predict_command(checkpoint: str | None, input_path: Path, output: Path, direction: str | None, device: str | None,
+                    batch_size: int, config: Path | None) -> None:
+    """Synthesize the other contrast of one volume, offline."""
+    _setup_logging()
+    if not output.name.endswith((".nii", ".nii.gz")):
+        raise click.BadParameter("must end with .nii or .nii.gz", param_hint="--output")
+    dev = _config_device(config, device)
+    ckpt = _config_checkpoint(config, checkpoint)
+    from ml.data import DataError, load_volume
+
+    try:
+        vol = load_volume(input_path)
+    except DataError as exc:
+        _fail(str(exc))
+    model = _load(ckpt, direction, dev)
+    import nibabel as nib
+    import numpy as np
+
+    from ml.inference import synthesize
+
+    from ml.data import canonical_shape
+
+    nz = canonical_shape(vol.data.shape, vol.affine)[2]
+    with _progress() as prog:
+        task = prog.add_task(f"predict {model.direction}", total=nz)
+        out = synthesize(model, vol.data, vol.affine, batch_size=batch_size,
+                         progress=lambda n: prog.advance(task, n))
+        prog.update(task, completed=nz)
+    img = nib.Nifti1Image(out, vol.affine)
+    img.header.set_data_dtype(np.uint16)
+    img.header["descrip"] = f"synthetic {model.target} {model.identity}"[:79].encode()
+    img.header["cal_min"], img.header["cal_max"] = 0, model.output_max
+    output.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(output))
+    click.echo(f"{output}: synthetic {model.target}, uint16 in [0, {model.output_max}], model {model.identity}")
+
+
+COMMANDS: list[click.Command] = [train_command, evaluate_command, predict_command]

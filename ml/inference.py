@@ -1,0 +1,205 @@
+"""The inference API the node uses: :func:`load_model` once, then :func:`synthesize`.
+
+Output range: the network predicts the target contrast normalized to [0, 1]
+(target volume divided by its 99.5th percentile inside the head mask, clipped).
+:func:`synthesize` multiplies that by ``output_scale`` - the median 99.5th
+percentile of the target contrast over the training subjects, stored in the
+checkpoint metadata - and rounds to ``np.uint16``; values therefore lie in
+``[0, output_max]`` with ``output_max = round(output_scale)``.  The suggested
+display window is ``(output_max / 2, output_max)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .checkpoint import CheckpointError, load_checkpoint, load_into
+from .data import from_canonical, head_mask, normalize, slice_stack, to_canonical
+from .networks import Architecture, NetworkOptions, OptionError, build_network, parse_options
+
+__all__ = ["DIRECTIONS", "LoadedModel", "WEIGHTS_DIR", "default_checkpoint", "load_model", "predict_normalized",
+           "resolve_device", "synthesize"]
+
+log = logging.getLogger(__name__)
+
+DIRECTIONS = ("t1-to-t2", "t2-to-t1")
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass
+class LoadedModel:
+    """A network on its device, in eval mode, with what the node needs to know about it."""
+
+    direction: str
+    name: str
+    version: str
+    identity: str
+    output_max: int
+    window: tuple[float, float]
+    metadata: dict[str, Any]
+    net: nn.Module = field(repr=False)
+    options: NetworkOptions = field(repr=False)
+    device: torch.device = field(repr=False)
+    output_scale: float = 1.0
+
+    @property
+    def source(self) -> str:
+        return "T1" if self.direction == "t1-to-t2" else "T2"
+
+    @property
+    def target(self) -> str:
+        return "T2" if self.direction == "t1-to-t2" else "T1"
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise a torch device string."""
+    d = (device or "auto").strip().lower()
+    if d == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(d)
+    except RuntimeError:
+        raise ValueError(f"device: {device!r} is not auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available")
+    return dev
+
+
+def _check_direction(direction: str | None, arg: str = "direction") -> str | None:
+    if direction is None:
+        return None
+    d = str(direction).lower()
+    if d not in DIRECTIONS:
+        raise ValueError(f"{arg}: {direction!r} is not one of {', '.join(DIRECTIONS)}")
+    return d
+
+
+def default_checkpoint(direction: str) -> Path:
+    """The shipped U-Net for *direction*: ``ml/weights/unet-<direction>.safetensors``."""
+    return WEIGHTS_DIR / f"unet-{direction}.safetensors"
+
+
+def _fuse_batchnorm(net: nn.Module) -> None:
+    """Fold eval-mode BatchNorm into the preceding convolution (faster CPU inference)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for module in net.modules():
+        if isinstance(module, nn.Sequential):
+            children = list(module.named_children())
+            for (n1, m1), (n2, m2) in zip(children, children[1:]):
+                if isinstance(m1, nn.Conv2d) and isinstance(m2, nn.BatchNorm2d):
+                    setattr(module, n1, fuse_conv_bn_eval(m1, m2))
+                    setattr(module, n2, nn.Identity())
+
+
+def load_model(checkpoint: str | Path, direction: str | None = None, device: str = "auto") -> LoadedModel:
+    """Load a checkpoint (or ``"default"``, the shipped weights) for *direction*.
+
+    Raises :class:`~ml.checkpoint.CheckpointError` (one line) for a missing,
+    corrupt or mismatched checkpoint, and ``ValueError`` for a bad direction/device.
+    """
+    direction = _check_direction(direction)
+    dev = resolve_device(device)
+    if str(checkpoint) == "default":
+        ckpt: Path = default_checkpoint(direction or "t1-to-t2")
+    else:
+        ckpt = Path(checkpoint)
+    state, meta, wpath = load_checkpoint(ckpt)
+    try:
+        opts = parse_options(meta.get("network") or {})
+    except OptionError as exc:
+        raise CheckpointError(f"checkpoint {ckpt}: bad network options in metadata ({exc})") from None
+    if opts.architecture is Architecture.CYCLEGAN:
+        available = list(meta.get("directions") or DIRECTIONS)
+        chosen = direction or available[0]
+        if chosen not in available:
+            raise CheckpointError(f"checkpoint {ckpt}: has no {chosen} generator (has {', '.join(available)})")
+        prefix = "g_" + chosen.replace("-", "_") + "."
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        scales = meta.get("output_scales") or {}
+        output_scale = float(scales.get(chosen, meta.get("output_scale", 1000.0)))
+    else:
+        chosen = str(meta.get("direction", ""))
+        if chosen not in DIRECTIONS:
+            raise CheckpointError(f"checkpoint {ckpt}: metadata has no valid direction ({chosen!r})")
+        if direction is not None and direction != chosen:
+            raise CheckpointError(f"checkpoint {ckpt}: is a {chosen} model, not {direction}")
+        output_scale = float(meta.get("output_scale", 1000.0))
+    net = build_network(opts)
+    load_into(net, state, str(ckpt))
+    net.eval()
+    _fuse_batchnorm(net)
+    net.to(dev)
+    output_max = int(round(output_scale))
+    name = str(meta.get("name") or f"dicomnode-{opts.architecture.value}-{chosen}")
+    version = str(meta.get("version") or "0")
+    h = hashlib.sha256()
+    h.update(meta["_weights_sha256"].encode())
+    h.update(Path(str(wpath)[: -len(".safetensors")] + ".json").read_bytes())
+    h.update(chosen.encode())
+    identity = f"{name}-{version}-{h.hexdigest()[:16]}"
+    window = (output_max / 2.0, float(output_max))
+    return LoadedModel(chosen, name, version, identity, output_max, window, meta, net, opts, dev, output_scale)
+
+
+@torch.inference_mode()
+def predict_normalized(net: nn.Module, volume: np.ndarray, opts: NetworkOptions, *, batch_size: int = 16,
+                       device: torch.device | str = "cpu",
+                       progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Normalized canonical volume (X, Y, Z) -> normalized prediction in [0, 1], same shape.
+
+    Slices are padded in-plane (zeros, the background value) to a multiple of
+    the network's ``opts.multiple`` and cropped back.
+    """
+    dev = torch.device(device)
+    nx, ny, nz = volume.shape
+    m = opts.multiple
+    px, py = (-nx) % m, (-ny) % m
+    out = np.empty(volume.shape, dtype=np.float32)
+    use_amp = dev.type == "cuda"
+    for start in range(0, nz, batch_size):
+        ks = range(start, min(nz, start + batch_size))
+        batch = np.stack([slice_stack(volume, k, opts.context_slices) for k in ks])
+        x = torch.from_numpy(batch).to(dev, dtype=torch.float32)
+        if px or py:
+            x = F.pad(x, (py // 2, py - py // 2, px // 2, px - px // 2))
+        with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
+            y = net(x)
+        y = y[:, 0, px // 2 : px // 2 + nx, py // 2 : py // 2 + ny].float().clamp_(0.0, 1.0)
+        out[:, :, start : start + len(ks)] = np.moveaxis(y.cpu().numpy(), 0, 2)
+        if progress is not None:
+            progress(len(ks))
+    return out
+
+
+def synthesize(model: LoadedModel, data: np.ndarray, affine: np.ndarray, *, batch_size: int = 16,
+               progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Synthetic target-contrast volume, ``np.uint16``, same shape as *data*, in ``[0, model.output_max]``.
+
+    *data* is a 3-D array in physical units (rescale applied), *affine* the 4x4
+    voxel -> RAS+ mm matrix (nibabel convention).  Deterministic.
+    """
+    arr = np.asarray(data)
+    if arr.ndim != 3:
+        raise ValueError(f"data: expected a 3-D array, got shape {arr.shape}")
+    aff = np.asarray(affine, dtype=np.float64)
+    if aff.shape != (4, 4):
+        raise ValueError(f"affine: expected a 4x4 matrix, got shape {aff.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    canon, _ = to_canonical(arr.astype(np.float32, copy=False), aff)
+    normed, _ = normalize(canon, head_mask(canon))
+    pred = predict_normalized(model.net, normed, model.options, batch_size=batch_size, device=model.device,
+                              progress=progress)
+    scaled = np.rint(pred * model.output_scale)
+    np.clip(scaled, 0, model.output_max, out=scaled)
+    return from_canonical(scaled.astype(np.uint16), aff)

@@ -1,0 +1,548 @@
+"""Training loops for the paired U-Net and the unpaired CycleGAN.
+
+One call of :func:`train` runs a whole training (or resumes one): a checkpoint
+(``OUT/model.safetensors`` + ``OUT/model.json`` + ``OUT/resume.pt``) after every
+epoch, validation metrics on whole held-out subjects per epoch, mixed precision
+on CUDA, and DistributedDataParallel when started by ``torchrun`` (NCCL on GPU,
+gloo on CPU).  Ctrl-C saves a resume state first; ``--resume`` restarts the
+interrupted epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+from .checkpoint import CheckpointError, checkpoint_paths, package_version, save_checkpoint
+from .data import DataError, Subject, discover_paired, load_subjects, slice_stack, split_names, useful_slices
+from .inference import DIRECTIONS, predict_normalized, resolve_device
+from .metrics import NORMALIZATION_TEXT, compare
+from .networks import Architecture, NetworkOptions, build_discriminator, build_network, init_weights, parse_options
+
+__all__ = ["TrainConfig", "TrainError", "train"]
+
+log = logging.getLogger(__name__)
+
+RESUME_FILE = "resume.pt"
+
+
+class TrainError(RuntimeError):
+    """A training run cannot start or continue; ``str(err)`` is one line."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = "unet"
+    direction: str = "t1-to-t2"
+    data: Path = Path("data")
+    out: Path = Path("checkpoint")
+    val_subjects: tuple[str, ...] = ()
+    exclude_subjects: tuple[str, ...] = ()
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float | None = None  # default: 1e-3 U-Net, 2e-4 CycleGAN
+    device: str = "auto"
+    resume: bool = False
+    crop: int = 128
+    steps_per_epoch: int | None = None  # default: one pass over the training slices
+    seed: int = 0
+    network: dict[str, Any] = field(default_factory=dict)
+    augment: bool = True
+    name: str | None = None
+    version: str = "1"
+    val_every: int = 1
+
+
+# --------------------------------------------------------------------- utilities
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _setup_distributed(device: torch.device) -> bool:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def _crop_batch(sources: list[np.ndarray], targets: list[np.ndarray], masks: list[np.ndarray], crop: int,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random crops of ``crop x crop`` centred on a random head voxel (zero-padded when smaller)."""
+    xs, ys = [], []
+    for src, tgt, m in zip(sources, targets, masks):
+        c, nx, ny = src.shape
+        px, py = max(0, crop - nx), max(0, crop - ny)
+        if px or py:
+            pad = ((0, 0), (px // 2, px - px // 2), (py // 2, py - py // 2))
+            src, tgt = np.pad(src, pad), np.pad(tgt, pad)
+            m = np.pad(m, pad[1:])
+            nx, ny = src.shape[1:]
+        pts = np.argwhere(m)
+        if len(pts):
+            cx, cy = pts[rng.integers(len(pts))]
+        else:
+            cx, cy = nx // 2, ny // 2
+        x0 = int(np.clip(cx - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, nx - crop))
+        y0 = int(np.clip(cy - crop // 2 + rng.integers(-crop // 4, crop // 4 + 1), 0, ny - crop))
+        xs.append(src[:, x0 : x0 + crop, y0 : y0 + crop])
+        ys.append(tgt[:, x0 : x0 + crop, y0 : y0 + crop])
+    return np.stack(xs), np.stack(ys)
+
+
+def augment(x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flips, a small random affine (rotation +-10 deg, scale 0.9-1.1, shift +-5%) and an
+    intensity change (gain 0.9-1.1, gamma 0.8-1.25) of the input only."""
+    n = x.shape[0]
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+    ang = u(-math.pi / 18, math.pi / 18)
+    scale = u(0.9, 1.1)
+    fx = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    fy = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = torch.cos(ang) / scale * fx
+    theta[:, 0, 1] = -torch.sin(ang) / scale
+    theta[:, 1, 0] = torch.sin(ang) / scale
+    theta[:, 1, 1] = torch.cos(ang) / scale * fy
+    theta[:, :, 2] = (torch.rand(n, 2, generator=gen) - 0.5) * 0.1
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if y is not None:
+        y = F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    gain = u(0.9, 1.1).view(n, 1, 1, 1)
+    gamma = torch.exp(u(math.log(0.8), math.log(1.25))).view(n, 1, 1, 1)
+    x = gain * x.clamp(min=0).pow(gamma)
+    return x, y
+
+
+def _progress(enabled: bool):  # type: ignore[no-untyped-def]
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
+
+
+def _load_data(cfg: TrainConfig) -> tuple[list[Subject], list[Subject]]:
+    folders = discover_paired(cfg.data)
+    folders = [f for f in folders if f.name not in set(cfg.exclude_subjects)]
+    names = [f.name for f in folders]
+    train_names, val_names = split_names(names, cfg.val_subjects)
+    if not train_names:
+        raise DataError(f"{cfg.data}: no training subjects left after --val-subjects/--exclude")
+    subjects = load_subjects(folders)
+    by = {s.name: s for s in subjects}
+    return [by[n] for n in train_names], [by[n] for n in val_names]
+
+
+def _validate(gens: dict[str, nn.Module], opts: NetworkOptions, val: Sequence[Subject],
+              device: torch.device) -> dict[str, Any]:
+    """Per-direction mean and per-subject metrics on the held-out subjects."""
+    results: dict[str, Any] = {}
+    for direction, net in gens.items():
+        src, tgt = ("T1", "T2") if direction == "t1-to-t2" else ("T2", "T1")
+        was_training = net.training
+        net.eval()
+        per: dict[str, dict[str, float]] = {}
+        for s in val:
+            pred = predict_normalized(net, s.image(src), opts, batch_size=16, device=device)
+            per[s.name] = compare(pred, s.image(tgt), s.mask)
+        net.train(was_training)
+        if per:
+            keys = next(iter(per.values())).keys()
+            mean = {k: float(np.mean([m[k] for m in per.values()])) for k in keys}
+            results[direction] = {"mean": mean, "subjects": per}
+    return results
+
+
+def _data_summary(train: Sequence[Subject], val: Sequence[Subject], cfg: TrainConfig) -> dict[str, Any]:
+    return {
+        "data": str(cfg.data),
+        "train_subjects": [s.name for s in train],
+        "val_subjects": [s.name for s in val],
+        "excluded_subjects": list(cfg.exclude_subjects),
+        "n_train_subjects": len(train),
+        "n_val_subjects": len(val),
+        "n_train_slices": int(sum(len(useful_slices(s.mask)) for s in train)),
+    }
+
+
+# --------------------------------------------------------------------- main entry
+
+
+def train(cfg: TrainConfig, *, on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> Path:
+    """Run (or resume) a training; returns the checkpoint folder."""
+    if cfg.model not in ("unet", "cyclegan"):
+        raise TrainError(f"--model: {cfg.model!r} is not one of unet, cyclegan")
+    if cfg.direction not in DIRECTIONS:
+        raise TrainError(f"--direction: {cfg.direction!r} is not one of {', '.join(DIRECTIONS)}")
+    for name, value, low in (("--epochs", cfg.epochs, 1), ("--batch-size", cfg.batch_size, 1), ("--crop", cfg.crop, 16)):
+        if value < low:
+            raise TrainError(f"{name}: must be >= {low}, got {value}")
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    net_raw = dict(cfg.network)
+    net_raw["architecture"] = cfg.model
+    if cfg.model == "cyclegan":
+        net_raw.pop("context_slices", None)
+    opts = parse_options(net_raw)
+    if cfg.crop % opts.multiple:
+        raise TrainError(f"--crop: {cfg.crop} is not a multiple of {opts.multiple} (2**depth)")
+    distributed = _setup_distributed(device)
+    rank, world = _dist_info()
+    if distributed and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    try:
+        if cfg.model == "unet":
+            return _train_unet(cfg, opts, device, rank, world, on_epoch)
+        return _train_cyclegan(cfg, opts, device, rank, world, on_epoch)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+def _resume_state(cfg: TrainConfig) -> dict[str, Any] | None:
+    path = Path(cfg.out) / RESUME_FILE
+    if not cfg.resume:
+        return None
+    if not path.is_file():
+        raise TrainError(f"--resume: {path} does not exist (nothing to resume)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TrainError(f"--resume: {path} is unreadable ({exc})") from None
+
+
+def _write_resume(cfg: TrainConfig, state: dict[str, Any]) -> None:
+    path = Path(cfg.out) / RESUME_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _epoch_order(n: int, epoch: int, seed: int, rank: int, world: int, steps: int, batch: int) -> list[int]:
+    """Sample indices for this rank and epoch: a seeded shuffle, sharded by rank."""
+    rng = np.random.default_rng([seed, epoch])
+    need = steps * batch * world
+    idx = np.concatenate([rng.permutation(n) for _ in range(max(1, math.ceil(need / n)))])[:need]
+    return idx[rank::world].tolist()
+
+
+def _output_scale(train: Sequence[Subject], contrast: str) -> float:
+    return float(np.median([s.normalization(contrast).high for s in train]))
+
+
+def _base_meta(cfg: TrainConfig, opts: NetworkOptions, train: Sequence[Subject], val: Sequence[Subject],
+               lr: float, world: int) -> dict[str, Any]:
+    return {
+        "architecture": opts.architecture.value,
+        "network": opts.to_dict(),
+        "version": cfg.version,
+        "package_version": package_version(),
+        "normalization": {
+            "method": "divide by percentile inside head mask, clip below 0",
+            "percentile": 99.5,
+            "input_clip": None,
+            "target_clip": [0.0, 1.0],
+            "canonical_orientation": "LPS (axis 2 = axial slices)",
+        },
+        "training": {
+            "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": lr, "crop": cfg.crop, "seed": cfg.seed,
+            "augment": cfg.augment, "world_size": world, "device": str(cfg.device),
+            **_data_summary(train, val, cfg),
+        },
+        "metrics_normalization": NORMALIZATION_TEXT,
+    }
+
+
+def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, rank: int, world: int,
+                on_epoch: Callable[[int, dict[str, Any]], None] | None) -> Path:
+    src, tgt = ("T1", "T2") if cfg.direction == "t1-to-t2" else ("T2", "T1")
+    train_s, val_s = _load_data(cfg)
+    torch.manual_seed(cfg.seed + rank)
+    net = build_network(opts).to(device)
+    lr = cfg.lr if cfg.lr is not None else 1e-3
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    samples = [(i, k) for i, s in enumerate(train_s) for k in useful_slices(s.mask)]
+    if not samples:
+        raise TrainError("training subjects have no usable slices (empty head masks)")
+    steps = cfg.steps_per_epoch or max(1, len(samples) // (cfg.batch_size * world))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps, eta_min=lr * 0.02)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    state = _resume_state(cfg)
+    if state is not None:
+        if state.get("model") != "unet" or state.get("direction") != cfg.direction or state.get("network") != opts.to_dict():
+            raise TrainError(f"--resume: {cfg.out} was trained with other settings (model/direction/network differ)")
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        history = state["history"]
+        start_epoch = int(state["epoch"])
+        if rank == 0:
+            log.info("resuming %s at epoch %d", cfg.out, start_epoch + 1)
+    ddp_net: nn.Module = net
+    if world > 1:
+        ddp_net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    meta = _base_meta(cfg, opts, train_s, val_s, lr, world)
+    meta.update({
+        "name": cfg.name or f"dicomnode-unet-{cfg.direction}",
+        "direction": cfg.direction,
+        "output_scale": _output_scale(train_s, tgt),
+    })
+    meta["output_max"] = int(round(meta["output_scale"]))
+    meta["window"] = [meta["output_max"] / 2.0, float(meta["output_max"])]
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    epoch = start_epoch
+    with _progress(rank == 0) as prog:
+        task = prog.add_task("train", total=(cfg.epochs - start_epoch) * steps, info="")
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                ddp_net.train()
+                order = _epoch_order(len(samples), epoch, cfg.seed, rank, world, steps, cfg.batch_size)
+                rng = np.random.default_rng([cfg.seed, epoch, rank])
+                t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+                for step in range(steps):
+                    chosen = [samples[j] for j in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+                    xs = [slice_stack(train_s[i].image(src), k, opts.context_slices) for i, k in chosen]
+                    ys = [slice_stack(train_s[i].image(tgt), k, 0) for i, k in chosen]
+                    ms = [train_s[i].mask[:, :, k] for i, k in chosen]
+                    xb, yb = _crop_batch(xs, ys, ms, cfg.crop, rng)
+                    x, y = torch.from_numpy(xb), torch.from_numpy(yb).clamp(0, 1)
+                    if cfg.augment:
+                        x, y = augment(x, y, gen)
+                    x, y = x.to(device), y.to(device)
+                    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+                        pred = ddp_net(x)
+                        loss = F.l1_loss(pred.float(), y)
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    sched.step()
+                    seen += x.shape[0]
+                    loss_sum += loss.item()
+                    prog.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} L1 {loss_sum / (step + 1):.4f}")
+                elapsed = time.perf_counter() - t0
+                record: dict[str, Any] = {"epoch": epoch + 1, "train_l1": loss_sum / steps,
+                                          "train_slices_per_s": seen * world / elapsed, "seconds": elapsed}
+                if rank == 0:
+                    if val_s and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+                        record["validation"] = _validate({cfg.direction: net}, opts, val_s, device)
+                    history.append(record)
+                    meta["validation"] = {"history": history, "last": history[-1].get("validation")}
+                    meta["epochs_completed"] = epoch + 1
+                    save_checkpoint(Path(cfg.out), net.state_dict(), meta)
+                    _write_resume(cfg, {"model": "unet", "direction": cfg.direction, "network": opts.to_dict(),
+                                        "net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                        "history": history, "epoch": epoch + 1})
+                    _log_epoch(record)
+                    if on_epoch:
+                        on_epoch(epoch + 1, record)
+                if world > 1:
+                    dist.barrier()
+        except KeyboardInterrupt:
+            if rank == 0:
+                _write_resume(cfg, {"model": "unet", "direction": cfg.direction, "network": opts.to_dict(),
+                                    "net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                    "history": history, "epoch": epoch})
+                log.warning("interrupted: state saved in %s; rerun with --resume to continue epoch %d", cfg.out, epoch + 1)
+            raise
+    return Path(cfg.out)
+
+
+def _log_epoch(record: dict[str, Any]) -> None:
+    parts = [f"epoch {record['epoch']}", f"train L1 {record.get('train_l1', float('nan')):.4f}",
+             f"{record['train_slices_per_s']:.1f} slices/s"]
+    for direction, v in (record.get("validation") or {}).items():
+        m = v["mean"]
+        parts.append(f"{direction} val PSNR {m['psnr_masked']:.2f} dB SSIM {m['ssim_masked']:.3f} (masked)")
+    log.info(", ".join(parts))
+
+
+class ImagePool:
+    """History buffer of generated images (Shrivastava et al.), as the reference CycleGAN uses."""
+
+    def __init__(self, size: int, rng: random.Random) -> None:
+        self.size, self.rng = size, rng
+        self.images: list[torch.Tensor] = []
+
+    def query(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.size == 0:
+            return batch
+        out = []
+        for img in batch.detach():
+            img = img.unsqueeze(0)
+            if len(self.images) < self.size:
+                self.images.append(img)
+                out.append(img)
+            elif self.rng.random() < 0.5:
+                j = self.rng.randrange(self.size)
+                out.append(self.images[j].clone())
+                self.images[j] = img
+            else:
+                out.append(img)
+        return torch.cat(out)
+
+
+def _train_cyclegan(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, rank: int, world: int,
+                    on_epoch: Callable[[int, dict[str, Any]], None] | None) -> Path:
+    """Unpaired CycleGAN: T1 and T2 slices are drawn independently (pairing is never used
+    for training, only for validation metrics)."""
+    if world > 1:
+        raise TrainError("cyclegan: multi-process training is only implemented for the U-Net")
+    train_s, val_s = _load_data(cfg)
+    torch.manual_seed(cfg.seed)
+    g = {"t1-to-t2": build_network(opts).to(device), "t2-to-t1": build_network(opts).to(device)}
+    d = {"T2": build_discriminator(opts).to(device), "T1": build_discriminator(opts).to(device)}
+    for m in [*g.values(), *d.values()]:
+        init_weights(m)
+    lr = cfg.lr if cfg.lr is not None else 2e-4
+    opt_g = torch.optim.Adam([p for m in g.values() for p in m.parameters()], lr=lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam([p for m in d.values() for p in m.parameters()], lr=lr, betas=(0.5, 0.999))
+    half = cfg.epochs // 2
+
+    def lr_lambda(e: int) -> float:  # constant, then linear decay to zero over the second half
+        return 1.0 - max(0, e - half) / float(cfg.epochs - half + 1)
+
+    sch_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_lambda)
+    sch_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda)
+    lambda_cycle, lambda_identity = 10.0, 0.5
+    pools = {"T1": ImagePool(50, random.Random(cfg.seed)), "T2": ImagePool(50, random.Random(cfg.seed + 1))}
+    samples = {c: [(i, k) for i, s in enumerate(train_s) for k in useful_slices(s.mask)] for c in ("T1", "T2")}
+    steps = cfg.steps_per_epoch or max(1, len(samples["T1"]) // cfg.batch_size)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    state = _resume_state(cfg)
+    if state is not None:
+        if state.get("model") != "cyclegan" or state.get("network") != opts.to_dict():
+            raise TrainError(f"--resume: {cfg.out} was trained with other settings (model/network differ)")
+        for k in g:
+            g[k].load_state_dict(state["g"][k])
+        for k in d:
+            d[k].load_state_dict(state["d"][k])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        sch_g.load_state_dict(state["sch_g"])
+        sch_d.load_state_dict(state["sch_d"])
+        history, start_epoch = state["history"], int(state["epoch"])
+    meta = _base_meta(cfg, opts, train_s, val_s, lr, world)
+    scales = {"t1-to-t2": _output_scale(train_s, "T2"), "t2-to-t1": _output_scale(train_s, "T1")}
+    meta.update({
+        "name": cfg.name or "dicomnode-cyclegan",
+        "directions": list(DIRECTIONS),
+        "direction": cfg.direction,
+        "output_scales": scales,
+        "output_scale": scales[cfg.direction],
+        "cyclegan": {"lambda_cycle": lambda_cycle, "lambda_identity": lambda_identity, "pool_size": 50,
+                     "gan_loss": "lsgan", "betas": [0.5, 0.999], "decay": "linear over the second half of epochs"},
+    })
+    meta["output_max"] = int(round(meta["output_scale"]))
+    meta["window"] = [meta["output_max"] / 2.0, float(meta["output_max"])]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    mse = nn.MSELoss()
+
+    def gan_loss(pred: torch.Tensor, real: bool) -> torch.Tensor:
+        return mse(pred, torch.ones_like(pred) if real else torch.zeros_like(pred))
+
+    def snapshot(epoch: int) -> dict[str, Any]:
+        return {"model": "cyclegan", "network": opts.to_dict(), "g": {k: v.state_dict() for k, v in g.items()},
+                "d": {k: v.state_dict() for k, v in d.items()}, "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                "sch_g": sch_g.state_dict(), "sch_d": sch_d.state_dict(), "history": history, "epoch": epoch}
+
+    epoch = start_epoch
+    with _progress(True) as prog:
+        task = prog.add_task("cyclegan", total=(cfg.epochs - start_epoch) * steps, info="")
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                for m in [*g.values(), *d.values()]:
+                    m.train()
+                rng = np.random.default_rng([cfg.seed, epoch])
+                order_a = _epoch_order(len(samples["T1"]), epoch, cfg.seed, 0, 1, steps, cfg.batch_size)
+                order_b = _epoch_order(len(samples["T2"]), epoch, cfg.seed + 7, 0, 1, steps, cfg.batch_size)
+                t0, seen, sums = time.perf_counter(), 0, {"g": 0.0, "d": 0.0}
+                for step in range(steps):
+                    batch = {}
+                    for c, order in (("T1", order_a), ("T2", order_b)):
+                        chosen = [samples[c][j] for j in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+                        xs = [slice_stack(train_s[i].image(c), k, 0) for i, k in chosen]
+                        ms = [train_s[i].mask[:, :, k] for i, k in chosen]
+                        xb, _ = _crop_batch(xs, xs, ms, cfg.crop, rng)
+                        x = torch.from_numpy(xb).clamp(0, 1)
+                        if cfg.augment:
+                            x, _ = augment(x, None, gen)
+                            x = x.clamp(0, 1)
+                        batch[c] = x.to(device)
+                    a, b = batch["T1"], batch["T2"]
+                    g_ab, g_ba = g["t1-to-t2"], g["t2-to-t1"]
+                    # generators
+                    for p in (p for m in d.values() for p in m.parameters()):
+                        p.requires_grad_(False)
+                    fake_b, fake_a = g_ab(a), g_ba(b)
+                    rec_a, rec_b = g_ba(fake_b), g_ab(fake_a)
+                    idt_b, idt_a = g_ab(b), g_ba(a)
+                    loss_g = (gan_loss(d["T2"](fake_b), True) + gan_loss(d["T1"](fake_a), True)
+                              + lambda_cycle * (F.l1_loss(rec_a, a) + F.l1_loss(rec_b, b))
+                              + lambda_cycle * lambda_identity * (F.l1_loss(idt_b, b) + F.l1_loss(idt_a, a)))
+                    opt_g.zero_grad(set_to_none=True)
+                    loss_g.backward()
+                    opt_g.step()
+                    # discriminators
+                    for p in (p for m in d.values() for p in m.parameters()):
+                        p.requires_grad_(True)
+                    pb, pa = pools["T2"].query(fake_b), pools["T1"].query(fake_a)
+                    loss_d = 0.5 * (gan_loss(d["T2"](b), True) + gan_loss(d["T2"](pb), False)) + \
+                        0.5 * (gan_loss(d["T1"](a), True) + gan_loss(d["T1"](pa), False))
+                    opt_d.zero_grad(set_to_none=True)
+                    loss_d.backward()
+                    opt_d.step()
+                    seen += a.shape[0]
+                    sums["g"] += loss_g.item()
+                    sums["d"] += loss_d.item()
+                    prog.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} G {sums['g'] / (step + 1):.3f} "
+                                                      f"D {sums['d'] / (step + 1):.3f}")
+                sch_g.step()
+                sch_d.step()
+                elapsed = time.perf_counter() - t0
+                record: dict[str, Any] = {"epoch": epoch + 1, "loss_g": sums["g"] / steps, "loss_d": sums["d"] / steps,
+                                          "train_slices_per_s": seen / elapsed, "seconds": elapsed}
+                if val_s and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+                    record["validation"] = _validate(g, opts, val_s, device)
+                history.append(record)
+                meta["validation"] = {"history": history, "last": history[-1].get("validation")}
+                meta["epochs_completed"] = epoch + 1
+                weights = {f"g_{k.replace('-', '_')}.{n}": t for k, m in g.items() for n, t in m.state_dict().items()}
+                save_checkpoint(Path(cfg.out), weights, meta)
+                _write_resume(cfg, snapshot(epoch + 1))
+                _log_epoch(record)
+                if on_epoch:
+                    on_epoch(epoch + 1, record)
+        except KeyboardInterrupt:
+            _write_resume(cfg, snapshot(epoch))
+            log.warning("interrupted: state saved in %s; rerun with --resume to continue epoch %d", cfg.out, epoch + 1)
+            raise
+    return Path(cfg.out)
