@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import pytest
 
@@ -90,3 +91,55 @@ def storescu(port: int, files: list[Path] | Path, called: str = "DICOMNODE", cal
     else:
         args += ["127.0.0.1", str(port), *[str(f) for f in (files if isinstance(files, list) else [files])]]
     return subprocess.run(args, env=dcmtk_env(), capture_output=True, text=True, timeout=timeout)
+
+
+class PynetdicomStoreSCP:
+    """A pynetdicom Storage SCP on loopback that answers C-STORE with chosen statuses.
+
+    ``status`` is either one status for every request or a callable
+    ``(index, dataset) -> int`` (index counts requests from 0 over the SCP's
+    life); ``delay`` seconds are slept before answering request ``delay_at``
+    (e.g. to provoke the sender's DIMSE timeout).  Received SOP Instance UIDs
+    are kept in ``received``.  ``sop_classes`` limits what it accepts (default:
+    every storage SOP class).
+    """
+
+    def __init__(self, status: "int | Callable[[int, Any], int]" = 0x0000, *, ae_title: str = "STORESCP",
+                 sop_classes: "Sequence[str] | None" = None, require_called_aet: bool = True,
+                 delay: float = 0.0, delay_at: int = -1) -> None:
+        self.status = status
+        self.ae_title = ae_title
+        self.sop_classes = sop_classes
+        self.require_called_aet = require_called_aet
+        self.delay = delay
+        self.delay_at = delay_at
+        self.port = free_port()
+        self.received: list[str] = []
+        self._server: Any = None
+
+    def _on_store(self, event: Any) -> int:
+        index = len(self.received)
+        ds = event.dataset
+        self.received.append(str(ds.SOPInstanceUID))
+        if index == self.delay_at and self.delay:
+            time.sleep(self.delay)
+        return self.status(index, ds) if callable(self.status) else self.status
+
+    def __enter__(self) -> "PynetdicomStoreSCP":
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        ae = AE(ae_title=self.ae_title)
+        ae.require_called_aet = self.require_called_aet
+        if self.sop_classes is None:
+            ae.supported_contexts = AllStoragePresentationContexts
+        else:
+            for uid in self.sop_classes:
+                ae.add_supported_context(uid)
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None

@@ -1,0 +1,208 @@
+"""deliver(): C-STORE of a built synthetic series to real peers on loopback.
+
+Peers: dcmtk storescp, Orthanc (the PACS), and pynetdicom SCPs answering chosen statuses.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import CTImageStorage, MRImageStorage
+
+from dicomgen import SeriesSpec, make_secondary_capture, make_series, phantom
+from dicomgen import write_series as write_source
+from dicom_node.build import ModelIdentity, build_synthetic_series, write_series
+from dicom_node.config import Destination, Direction, OutputConfig
+from dicom_node.deliver import DeliveryResult, classify_status, deliver
+from dicom_node.volume import load_series
+from netutil import DcmtkStoreSCP, PynetdicomStoreSCP, free_port, needs_dcmtk
+from orthanc import OrthancServer, needs_orthanc, orthanc  # noqa: F401 - fixture
+
+CALLING = "DICOMNODE"
+MODEL = ModelIdentity(name="t1t2-unet", version="2.1.0", identity="sha256:0f3a9c")
+
+
+def _synthetic(tmp_path: Path, slices: int = 8) -> tuple[list[Path], pydicom.Dataset]:
+    """A real synthetic series on disk (what the worker hands to deliver)."""
+    src = make_series(SeriesSpec(slices=slices, rows=48, cols=48))
+    vol = load_series(write_source(src, tmp_path / "source"))
+    dss = build_synthetic_series(vol, phantom(vol.pixels.shape, "T2"), direction=Direction.T1_TO_T2,
+                                 model=MODEL, output=OutputConfig(), node_ae_title=CALLING)
+    return write_series(dss, tmp_path / "out"), src[0]
+
+
+def _uids(paths: list[Path]) -> list[str]:
+    return [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths]
+
+
+def _dest(port: int, ae: str = "STORESCP") -> Destination:
+    return Destination(ae_title=ae, host="127.0.0.1", port=port, name="peer")
+
+
+def test_status_classification() -> None:
+    assert classify_status(0x0000)[:2] == (True, False)
+    for warning in (0xB000, 0xB006, 0xB007):
+        assert classify_status(warning)[:2] == (True, False)
+    for retry in (0xA700, 0xA701, 0xA7FF):
+        assert classify_status(retry)[:2] == (False, True)
+    for permanent in (0xA900, 0xC000, 0xC123, 0x0122, 0x0110, 0x0211):
+        assert classify_status(permanent)[:2] == (False, False)
+
+
+@needs_dcmtk
+def test_dcmtk_storescp_receives_every_instance(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    files, src = _synthetic(tmp_path, slices=12)
+    caplog.set_level(logging.INFO, logger="dicom_node.deliver")
+    with DcmtkStoreSCP(tmp_path / "received") as scp:
+        result = deliver(files, _dest(scp.port, scp.ae_title), calling_ae_title=CALLING, timeout=10)
+    assert result.ok and not result.retryable and result.error is None
+    assert [o.status for o in result.outcomes] == [0x0000] * 12
+    assert [o.sop_instance_uid for o in result.outcomes] == _uids(files)
+    received = sorted((tmp_path / "received").iterdir())
+    assert len(received) == 12
+    sent = {p.name.removesuffix(".dcm"): p for p in files}
+    for p in received:  # round trip: what arrived is what was built
+        got = pydicom.dcmread(p)
+        orig = pydicom.dcmread(sent[got.SOPInstanceUID])
+        assert got.PixelData == orig.PixelData
+        assert got.SeriesInstanceUID == orig.SeriesInstanceUID
+    # one log line for the association, with Nagle off on the real socket and no patient data
+    lines = [r.getMessage() for r in caplog.records if r.name == "dicom_node.deliver"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert "tcp_nodelay=1" in line and "stored=12" in line and f"calling={CALLING}" in line and "called=STORESCP" in line
+    for private in (str(src.PatientName), "Phantom", src.PatientID, src.PatientBirthDate):
+        assert private not in line
+
+
+@needs_orthanc
+def test_delivery_into_orthanc(tmp_path: Path, orthanc: OrthancServer) -> None:  # noqa: F811
+    files, src = _synthetic(tmp_path, slices=10)
+    result = deliver(files, orthanc.destination(), calling_ae_title=CALLING, timeout=10)
+    assert result.ok, result
+    built = {p.name.removesuffix(".dcm"): p for p in files}
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+
+    series = orthanc.series_of_study(src.StudyInstanceUID)
+    assert [s["MainDicomTags"]["SeriesInstanceUID"] for s in series] == [first.SeriesInstanceUID]
+    assert len(series[0]["Instances"]) == 10
+    assert series[0]["MainDicomTags"]["SeriesDescription"] == first.SeriesDescription
+    instances = orthanc.instances_of_series(first.SeriesInstanceUID)
+    assert {i["MainDicomTags"]["SOPInstanceUID"] for i in instances} == set(built)
+    for inst in instances[:3]:
+        tags = orthanc.instance_tags(inst["ID"])
+        orig = pydicom.dcmread(built[tags["SOPInstanceUID"]])
+        assert tags["StudyInstanceUID"] == src.StudyInstanceUID
+        assert tags["FrameOfReferenceUID"] == src.FrameOfReferenceUID
+        assert tags["ImagePositionPatient"] == "\\".join(str(v) for v in orig.ImagePositionPatient)
+        assert tags["SyntheticData"] == "YES" if "SyntheticData" in tags else True
+        stored = pydicom.dcmread(__import__("io").BytesIO(orthanc.instance_file(inst["ID"])))
+        assert stored.PixelData == orig.PixelData
+        np.testing.assert_array_equal(stored.pixel_array, orig.pixel_array)
+
+    # sending again (a re-run) keeps one series with the same instances
+    again = deliver(files, orthanc.destination(), calling_ae_title=CALLING, timeout=10)
+    assert again.ok
+    series = orthanc.series_of_study(src.StudyInstanceUID)
+    assert len(series) == 1 and len(series[0]["Instances"]) == 10
+
+
+@needs_orthanc
+def test_wrong_called_aet_is_a_retryable_rejection(tmp_path: Path, orthanc: OrthancServer) -> None:  # noqa: F811
+    files, _ = _synthetic(tmp_path, slices=3)
+    dest = Destination(ae_title="NOT_ORTHANC", host=orthanc.host, port=orthanc.dicom_port)
+    result = deliver(files, dest, calling_ae_title=CALLING, timeout=10)
+    assert not result.ok and result.retryable
+    assert result.error is not None and "rejected" in result.error
+    assert all(not o.stored and o.retryable and o.status is None for o in result.outcomes)
+    assert len(result.outcomes) == 3
+
+
+def test_destination_down_is_retryable(tmp_path: Path) -> None:
+    files, _ = _synthetic(tmp_path, slices=3)
+    started = time.monotonic()
+    result = deliver(files, _dest(free_port()), calling_ae_title=CALLING, timeout=5)
+    assert time.monotonic() - started < 5
+    assert isinstance(result, DeliveryResult) and not result.ok and result.retryable
+    assert result.error and "cannot connect" in result.error
+    assert [o.sop_instance_uid for o in result.outcomes] == _uids(files)
+    assert all(o.retryable and not o.stored for o in result.outcomes)
+
+
+@pytest.mark.parametrize(
+    ("status", "ok", "retryable"),
+    [(0xC000, False, False), (0xA900, False, False), (0xA700, False, True), (0xB000, True, False),
+     (0xB007, True, False)],
+    ids=["C000-permanent", "A900-permanent", "A700-retryable", "B000-warning-stored", "B007-warning-stored"],
+)
+def test_peer_status_is_recorded_and_classified(tmp_path: Path, status: int, ok: bool, retryable: bool) -> None:
+    files, _ = _synthetic(tmp_path, slices=3)
+    with PynetdicomStoreSCP(status) as scp:
+        result = deliver(files, _dest(scp.port), calling_ae_title=CALLING, timeout=10)
+        assert len(scp.received) == 3  # the association went on after each answer
+    assert result.error is None
+    assert [o.status for o in result.outcomes] == [status] * 3
+    assert all(o.stored is ok for o in result.outcomes)
+    assert result.ok is ok and result.retryable is retryable
+    assert f"0x{status:04X}" in result.outcomes[0].detail
+
+
+def test_one_permanent_failure_among_successes(tmp_path: Path) -> None:
+    files, _ = _synthetic(tmp_path, slices=4)
+    with PynetdicomStoreSCP(lambda i, ds: 0xC000 if i == 2 else 0x0000) as scp:
+        result = deliver(files, _dest(scp.port), calling_ae_title=CALLING, timeout=10)
+    assert [o.stored for o in result.outcomes] == [True, True, False, True]
+    assert not result.ok and not result.retryable
+    retry = None
+    with PynetdicomStoreSCP(lambda i, ds: 0xA702 if i == 1 else 0x0000) as scp:
+        retry = deliver(files, _dest(scp.port), calling_ae_title=CALLING, timeout=10)
+    assert not retry.ok and retry.retryable and retry.stored_count == 3
+
+
+def test_abort_midway_leaves_the_rest_retryable(tmp_path: Path) -> None:
+    files, _ = _synthetic(tmp_path, slices=5)
+    with PynetdicomStoreSCP(0x0000, delay=2.0, delay_at=2) as scp:
+        result = deliver(files, _dest(scp.port), calling_ae_title=CALLING, timeout=0.5)
+    assert [o.stored for o in result.outcomes] == [True, True, False, False, False]
+    third = result.outcomes[2]
+    assert third.status is None and third.retryable and "no response" in third.detail
+    assert all(o.retryable and "not sent" in o.detail for o in result.outcomes[3:])
+    assert not result.ok and result.retryable and result.error
+
+
+def test_sop_class_not_supported_is_permanent(tmp_path: Path) -> None:
+    files, src = _synthetic(tmp_path, slices=2)
+    with PynetdicomStoreSCP(0x0000, sop_classes=[CTImageStorage]) as scp:
+        result = deliver(files, _dest(scp.port), calling_ae_title=CALLING, timeout=10)
+    assert not result.ok and not result.retryable
+    assert all(not o.stored and not o.retryable for o in result.outcomes)
+    # mixed: the accepted class is stored, the other one fails permanently
+    sc = make_secondary_capture(src.StudyInstanceUID)
+    sc_path = write_source([sc], tmp_path / "sc")[0]
+    with PynetdicomStoreSCP(0x0000, sop_classes=[MRImageStorage]) as scp:
+        mixed = deliver([*files, sc_path], _dest(scp.port), calling_ae_title=CALLING, timeout=10)
+    assert [o.stored for o in mixed.outcomes] == [True, True, False]
+    assert mixed.outcomes[2].sop_instance_uid == sc.SOPInstanceUID
+    assert not mixed.outcomes[2].retryable and "presentation context" in mixed.outcomes[2].detail
+    assert not mixed.retryable
+
+
+def test_unreadable_file_is_a_permanent_failure_of_that_file(tmp_path: Path) -> None:
+    files, _ = _synthetic(tmp_path, slices=2)
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom at all")
+    with PynetdicomStoreSCP(0x0000) as scp:
+        result = deliver([junk, *files], _dest(scp.port), calling_ae_title=CALLING, timeout=10)
+    bad = [o for o in result.outcomes if not o.stored]
+    assert len(bad) == 1 and not bad[0].retryable and "cannot read" in bad[0].detail
+    assert result.stored_count == 2
+
+
+def test_nothing_to_send_is_ok() -> None:
+    result = deliver([], _dest(free_port()), calling_ae_title=CALLING)
+    assert result.ok and result.outcomes == [] and result.error is None
