@@ -219,7 +219,8 @@ def deliver(
             retryable = True
             if not state["connected"]:
                 result.error = (f"cannot connect to {destination.host}:{destination.port} "
-                                f"(refused, unreachable or no answer within {timeout:g} s)")
+                                f"(refused, unreachable{', TLS handshake failed' if destination.tls else ''} "
+                                f"or no answer within {timeout:g} s)")
             elif assoc.is_rejected:
                 result.error = f"association rejected ({state['reject'] or 'no reason given'})"
             elif assoc.is_aborted and not assoc.accepted_contexts and assoc.rejected_contexts:

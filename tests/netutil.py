@@ -101,13 +101,17 @@ class PynetdicomStoreSCP:
     life); ``delay`` seconds are slept before answering request ``delay_at``
     (e.g. to provoke the sender's DIMSE timeout).  Received SOP Instance UIDs
     are kept in ``received``.  ``sop_classes`` limits what it accepts (default:
-    every storage SOP class).
+    every storage SOP class) and ``transfer_syntaxes`` which syntaxes (default:
+    pynetdicom's uncompressed ones); ``ssl_context`` (server side) makes it a TLS peer.
     """
 
     def __init__(self, status: "int | Callable[[int, Any], int]" = 0x0000, *, ae_title: str = "STORESCP",
                  sop_classes: "Sequence[str] | None" = None, require_called_aet: bool = True,
-                 delay: float = 0.0, delay_at: int = -1) -> None:
+                 delay: float = 0.0, delay_at: int = -1, ssl_context: Any = None,
+                 transfer_syntaxes: "Sequence[str] | None" = None) -> None:
+        self.transfer_syntaxes = transfer_syntaxes
         self.status = status
+        self.ssl_context = ssl_context
         self.ae_title = ae_title
         self.sop_classes = sop_classes
         self.require_called_aet = require_called_aet
@@ -130,12 +134,13 @@ class PynetdicomStoreSCP:
 
         ae = AE(ae_title=self.ae_title)
         ae.require_called_aet = self.require_called_aet
-        if self.sop_classes is None:
-            ae.supported_contexts = AllStoragePresentationContexts
-        else:
-            for uid in self.sop_classes:
-                ae.add_supported_context(uid)
-        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
+        from pynetdicom import DEFAULT_TRANSFER_SYNTAXES
+
+        syntaxes = list(self.transfer_syntaxes or DEFAULT_TRANSFER_SYNTAXES)
+        classes = self.sop_classes or [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+        for uid in classes:
+            ae.add_supported_context(uid, syntaxes)
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False, ssl_context=self.ssl_context,
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
         return self
 
@@ -143,3 +148,15 @@ class PynetdicomStoreSCP:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+
+def self_signed_cert(folder: Path, name: str = "peer") -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1/localhost (openssl CLI): (cert, key)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key

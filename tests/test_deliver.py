@@ -6,21 +6,23 @@ Peers: dcmtk storescp, Orthanc (the PACS), and pynetdicom SCPs answering chosen 
 from __future__ import annotations
 
 import logging
+import shutil
+import ssl
 import time
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import CTImageStorage, MRImageStorage
+from pydicom.uid import CTImageStorage, ImplicitVRLittleEndian, MRImageStorage
 
 from dicomgen import SeriesSpec, make_secondary_capture, make_series, phantom
 from dicomgen import write_series as write_source
 from dicom_node.build import ModelIdentity, build_synthetic_series, write_series
-from dicom_node.config import Destination, Direction, OutputConfig
+from dicom_node.config import Destination, Direction, OutputConfig, TLSConfig
 from dicom_node.deliver import DeliveryResult, classify_status, deliver
 from dicom_node.volume import load_series
-from netutil import DcmtkStoreSCP, PynetdicomStoreSCP, free_port, needs_dcmtk
+from netutil import DcmtkStoreSCP, PynetdicomStoreSCP, free_port, needs_dcmtk, self_signed_cert
 from orthanc import OrthancServer, needs_orthanc, orthanc  # noqa: F401 - fixture
 
 CALLING = "DICOMNODE"
@@ -206,3 +208,30 @@ def test_unreadable_file_is_a_permanent_failure_of_that_file(tmp_path: Path) -> 
 def test_nothing_to_send_is_ok() -> None:
     result = deliver([], _dest(free_port()), calling_ae_title=CALLING)
     assert result.ok and result.outcomes == [] and result.error is None
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+def test_tls_destination(tmp_path: Path) -> None:
+    files, _ = _synthetic(tmp_path, slices=3)
+    server_cert, server_key = self_signed_cert(tmp_path / "pki", "server")
+    client_cert, client_key = self_signed_cert(tmp_path / "pki", "client")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(client_cert))
+    server_ctx.load_cert_chain(str(server_cert), str(server_key))
+    server_ctx.verify_mode = ssl.CERT_REQUIRED  # mutual TLS
+    tls = TLSConfig(cert=client_cert, key=client_key, ca=server_cert)
+    with PynetdicomStoreSCP(0x0000, ssl_context=server_ctx) as scp:
+        result = deliver(files, Destination("STORESCP", "127.0.0.1", scp.port, tls=tls), calling_ae_title=CALLING, timeout=10)
+        assert result.ok, result
+        assert len(scp.received) == 3
+        # a peer we do not trust (CA is the client cert): no association, retryable
+        untrusted = TLSConfig(cert=client_cert, key=client_key, ca=client_cert)
+        bad = deliver(files, Destination("STORESCP", "127.0.0.1", scp.port, tls=untrusted), calling_ae_title=CALLING, timeout=5)
+    assert not bad.ok and bad.retryable and bad.error
+
+
+def test_peer_accepting_only_implicit_vr_gets_converted_datasets(tmp_path: Path) -> None:
+    files, _ = _synthetic(tmp_path, slices=2)
+    with PynetdicomStoreSCP(0x0000, transfer_syntaxes=[ImplicitVRLittleEndian]) as scp:
+        result = deliver(files, _dest(scp.port), calling_ae_title=CALLING, timeout=10)
+        assert len(scp.received) == 2
+    assert result.ok, result
