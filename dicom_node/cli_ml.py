@@ -25,16 +25,18 @@ class MLUsageError(click.ClickException):
 
     exit_code = 2
 
+    def show(self, file: Any = None) -> None:
+        click.echo(f"dicomnode: {self.format_message()}", err=True)
+
 
 def _fail(message: str) -> NoReturn:
     raise MLUsageError(message)
 
 
 def _setup_logging() -> None:
-    root = logging.getLogger()
-    if not root.handlers:
+    """Configure logging when the main CLI group has not (commands used on their own)."""
+    if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("ml").setLevel(logging.INFO)
 
 
 def _config_device(config: Path | None, device: str | None) -> str:
@@ -198,9 +200,12 @@ def _print_result(result: dict[str, Any], methods: tuple[str, ...]) -> None:
     from rich.table import Table
 
     console = Console()
-    console.print(f"[bold]{result['checkpoint']}[/] ({result['direction']}) on {result['data']}")
-    console.print(f"normalization: {result['normalization']}")
-    console.print(f"mask: {result['mask']}")
+    if not console.is_terminal:
+        console = Console(width=200)
+    click.echo(f"{result['checkpoint']} ({result['direction']}) on {result['data']}")
+    click.echo(f"normalization: {result['normalization']}")
+    click.echo(f"mask: {result['mask']}")
+    click.echo(f"DICOM-paper figures: {result['paper_metrics']}")
     table = Table("subject", "method", "PSNR", "SSIM", "MSE", "MAE", "PSNR mask", "SSIM mask", "MSE mask", "MAE mask",
                   "paper MSE", "paper MAE", "paper PSNR")
     rows = [(n, r) for n, r in result["subjects"].items()]

@@ -2,8 +2,9 @@
 
 Normalization (:func:`unit_range`): each volume is divided by its 99.5th
 percentile inside the mask and clipped to [0, 1].  PSNR uses peak 1.  SSIM is
-``skimage.metrics.structural_similarity`` on the 3-D volume with a Gaussian
-window (sigma 1.5, ``use_sample_covariance=False``, ``data_range=1``).
+``skimage.metrics.structural_similarity`` on each axial slice (2-D; slices
+are often thick, so no window across slices) with a Gaussian window (sigma
+1.5, ``use_sample_covariance=False``, ``data_range=1``), the per-voxel maps averaged.
 Masked figures average the per-voxel error (MSE/MAE) or the SSIM map over the
 mask; masked PSNR is ``10 log10(1 / masked MSE)``.
 
@@ -23,7 +24,7 @@ __all__ = ["NORMALIZATION_TEXT", "compare", "unit_range"]
 
 NORMALIZATION_TEXT = (
     "each volume divided by its 99.5th percentile inside the mask, clipped to [0, 1]; "
-    "PSNR peak 1; SSIM Gaussian window sigma 1.5 (skimage, use_sample_covariance=False, data_range=1)"
+    "PSNR peak 1; SSIM per axial slice, Gaussian window sigma 1.5 (skimage, use_sample_covariance=False, data_range=1)"
 )
 
 
@@ -35,6 +36,16 @@ def unit_range(volume: np.ndarray, mask: np.ndarray, percentile: float = 99.5) -
     if p <= 0:
         return np.zeros_like(v)
     return np.clip(v / p, 0.0, 1.0)
+
+
+def _ssim_map(p: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Per-voxel SSIM, computed slice by slice over the last (axial) axis."""
+    out = np.empty_like(t)
+    for k in range(t.shape[-1]):
+        _, out[..., k] = structural_similarity(
+            t[..., k], p[..., k], data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, full=True
+        )
+    return out
 
 
 def _minmax(volume: np.ndarray) -> np.ndarray:
@@ -62,9 +73,7 @@ def compare(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, *, normalized
         p, t = unit_range(pred, mask), unit_range(truth, mask)
     err = p - t
     sq, ab = err**2, np.abs(err)
-    _, ssim_map = structural_similarity(
-        t, p, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, full=True
-    )
+    ssim_map = _ssim_map(p, t)
     out = {
         "mse": float(sq.mean()),
         "mae": float(ab.mean()),
