@@ -213,6 +213,10 @@ class OrthancServer:
         """``/instances/{id}/simplified-tags``: keyword -> value."""
         return dict(self.get(f"/instances/{instance_id}/simplified-tags"))
 
+    def instance_tags_by_number(self, instance_id: str) -> dict[str, Any]:
+        """``/instances/{id}/tags?short``: "gggg,eeee" (lower case) -> value; also tags Orthanc's dictionary lacks."""
+        return dict(self.get(f"/instances/{instance_id}/tags?short"))
+
     def instance_file(self, instance_id: str) -> bytes:
         """The stored DICOM file, to read back with pydicom."""
         return bytes(self._request("GET", f"/instances/{instance_id}/file", raw=True))

@@ -5,6 +5,7 @@ Peers: dcmtk storescp, Orthanc (the PACS), and pynetdicom SCPs answering chosen 
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import ssl
@@ -23,7 +24,7 @@ from dicom_node.config import Destination, Direction, OutputConfig, TLSConfig
 from dicom_node.deliver import DeliveryResult, classify_status, deliver
 from dicom_node.volume import load_series
 from netutil import DcmtkStoreSCP, PynetdicomStoreSCP, free_port, needs_dcmtk, self_signed_cert
-from orthanc import OrthancServer, needs_orthanc, orthanc  # noqa: F401 - fixture
+from orthanc import OrthancError, OrthancServer, needs_orthanc, orthanc  # noqa: F401 - fixture
 
 CALLING = "DICOMNODE"
 MODEL = ModelIdentity(name="t1t2-unet", version="2.1.0", identity="sha256:0f3a9c")
@@ -102,8 +103,9 @@ def test_delivery_into_orthanc(tmp_path: Path, orthanc: OrthancServer) -> None: 
         assert tags["StudyInstanceUID"] == src.StudyInstanceUID
         assert tags["FrameOfReferenceUID"] == src.FrameOfReferenceUID
         assert tags["ImagePositionPatient"] == "\\".join(str(v) for v in orig.ImagePositionPatient)
-        assert tags["SyntheticData"] == "YES" if "SyntheticData" in tags else True
-        stored = pydicom.dcmread(__import__("io").BytesIO(orthanc.instance_file(inst["ID"])))
+        assert tags["ImageType"] == "DERIVED\\SECONDARY\\OTHER"
+        assert orthanc.instance_tags_by_number(inst["ID"])["0008,001c"] == "YES"  # Synthetic Data
+        stored = pydicom.dcmread(io.BytesIO(orthanc.instance_file(inst["ID"])))
         assert stored.PixelData == orig.PixelData
         np.testing.assert_array_equal(stored.pixel_array, orig.pixel_array)
 
@@ -235,3 +237,26 @@ def test_peer_accepting_only_implicit_vr_gets_converted_datasets(tmp_path: Path)
         result = deliver(files, _dest(scp.port), calling_ae_title=CALLING, timeout=10)
         assert len(scp.received) == 2
     assert result.ok, result
+
+
+@needs_orthanc
+def test_orthanc_down_then_up_again(tmp_path: Path) -> None:
+    files, src = _synthetic(tmp_path, slices=4)
+    with OrthancServer(tmp_path / "pacs") as pacs:
+        pacs.stop()
+        down = deliver(files, pacs.destination(), calling_ae_title=CALLING, timeout=5)
+        assert down.retryable and down.error
+        pacs.start()  # same storage, same ports
+        up = deliver(files, pacs.destination(), calling_ae_title=CALLING, timeout=10)
+        assert up.ok
+        (series,) = pacs.series_of_study(src.StudyInstanceUID)
+        assert len(series["Instances"]) == 4
+
+
+@needs_orthanc
+def test_orthanc_that_cannot_start_reports_its_log(tmp_path: Path) -> None:
+    server = OrthancServer(tmp_path / "broken", extra_config={"HttpPort": "not a port"}, start_timeout=20)
+    with pytest.raises(OrthancError, match="did not start") as info:
+        server.start()
+    assert "orthanc.log" in str(info.value)
+    assert server.proc is None
