@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     ExplicitVRLittleEndian,
     MRImageStorage,
     generate_uid,
@@ -87,7 +88,7 @@ _PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
     "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription",
     "ConsentForClinicalTrialUseSequence",
     # series level, but about the patient / order, not the acquisition
-    "PatientPosition", "BodyPartExamined", "Laterality", "RequestAttributesSequence",
+    "PatientPosition", "BodyPartExamined", "Laterality", "ImageLaterality", "RequestAttributesSequence",
     # Frame of Reference
     "FrameOfReferenceUID", "PositionReferenceIndicator",
     # timezone of the dates copied above
@@ -287,7 +288,7 @@ def build_synthetic_series(
     for k, sl in enumerate(source.slices):
         ds = Dataset()
         ds.update(copy.deepcopy(base))
-        sop_uid = _instance_uid(sl.sop_instance_uid, sl.frame_number, direction, model, output)
+        sop_uid: str = _instance_uid(sl.sop_instance_uid, sl.frame_number, direction, model, output)
         ds.SOPClassUID = MRImageStorage
         ds.SOPInstanceUID = sop_uid
         ds.InstanceCreationDate = date
@@ -359,7 +360,7 @@ def build_synthetic_series(
 
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.MediaStorageSOPInstanceUID = UID(sop_uid)
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME

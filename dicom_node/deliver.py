@@ -186,7 +186,7 @@ def deliver(
         state["nodelay"] = _set_nodelay(event.assoc)
 
     def on_acse_recv(event: evt.Event) -> None:
-        p = event.primitive
+        p = getattr(event, "primitive", None)
         if isinstance(p, A_ASSOCIATE) and p.result in (0x01, 0x02):
             state["reject"] = f"{p.result_str}, {p.source_str}: {p.reason_str}"
 

@@ -132,7 +132,7 @@ def _opt_float(value: Any) -> float | None:
         return None
 
 
-def _find(groups: Sequence[Dataset], seq: str, attr: str) -> Any:
+def _find(groups: Sequence[Dataset | None], seq: str, attr: str) -> Any:
     """First value of ``attr`` inside ``seq`` of the per-frame then shared functional groups."""
     for g in groups:
         if g is None or seq not in g:

@@ -137,7 +137,7 @@ class PynetdicomStoreSCP:
         from pynetdicom import DEFAULT_TRANSFER_SYNTAXES
 
         syntaxes = list(self.transfer_syntaxes or DEFAULT_TRANSFER_SYNTAXES)
-        classes = self.sop_classes or [cx.abstract_syntax for cx in AllStoragePresentationContexts]
+        classes = self.sop_classes or [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
         for uid in classes:
             ae.add_supported_context(uid, syntaxes)
         self._server = ae.start_server(("127.0.0.1", self.port), block=False, ssl_context=self.ssl_context,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pydicom
@@ -39,7 +40,7 @@ OBLIQUE = tuple(
 )
 
 
-def _source(tmp_path: Path, spec: SeriesSpec, mutate=None) -> tuple[SeriesVolume, list[pydicom.Dataset]]:
+def _source(tmp_path: Path, spec: SeriesSpec, mutate: Callable[[pydicom.Dataset], None] | None = None) -> tuple[SeriesVolume, list[pydicom.Dataset]]:
     dss = make_series(spec)
     if mutate:
         for ds in dss:
@@ -51,8 +52,8 @@ def _t2(vol: SeriesVolume) -> np.ndarray:
     return phantom(vol.pixels.shape, "T2")
 
 
-def _build(vol: SeriesVolume, **kw) -> list[pydicom.Dataset]:
-    args = dict(direction=Direction.T1_TO_T2, model=MODEL, output=OutputConfig(), node_ae_title=NODE)
+def _build(vol: SeriesVolume, **kw: Any) -> list[pydicom.Dataset]:
+    args: dict[str, Any] = dict(direction=Direction.T1_TO_T2, model=MODEL, output=OutputConfig(), node_ae_title=NODE)
     args.update(kw)
     pixels = args.pop("pixels", None)
     return build_synthetic_series(vol, _t2(vol) if pixels is None else pixels, **args)
