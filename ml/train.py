@@ -409,13 +409,38 @@ class ImagePool:
         return torch.cat(out)
 
 
+def _unpaired_collections(cfg: TrainConfig) -> tuple[dict[str, list[tuple[np.ndarray, np.ndarray]]], dict[str, float],
+                                                     list[Subject], list[Subject]]:
+    """T1 and T2 training collections (normalized volume, mask) plus paired validation subjects.
+
+    ``DATA/T1/*`` + ``DATA/T2/*`` (unpaired layout, no validation) or a paired
+    layout whose pairing is ignored for training."""
+    data = Path(cfg.data)
+    if (data / "T1").is_dir() and (data / "T2").is_dir():
+        from .data import discover_unpaired, load_normalized
+
+        if cfg.val_subjects:
+            raise TrainError("--val-subjects: needs the paired layout (DATA/<subject>/T1 + T2)")
+        paths_a, paths_b = discover_unpaired(data)
+        cols: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        scales: dict[str, float] = {}
+        for c, paths in (("T1", paths_a), ("T2", paths_b)):
+            loaded = [load_normalized(p) for p in paths]
+            cols[c] = [(v, m) for v, m, _ in loaded]
+            scales[c] = float(np.median([n.high for _, _, n in loaded]))
+        return cols, scales, [], []
+    train_s, val_s = _load_data(cfg)
+    cols = {c: [(s.image(c), s.mask) for s in train_s] for c in ("T1", "T2")}
+    return cols, {c: _output_scale(train_s, c) for c in ("T1", "T2")}, train_s, val_s
+
+
 def _train_cyclegan(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, rank: int, world: int,
                     on_epoch: Callable[[int, dict[str, Any]], None] | None) -> Path:
     """Unpaired CycleGAN: T1 and T2 slices are drawn independently (pairing is never used
     for training, only for validation metrics)."""
     if world > 1:
         raise TrainError("cyclegan: multi-process training is only implemented for the U-Net")
-    train_s, val_s = _load_data(cfg)
+    collections, collections_scale, train_s, val_s = _unpaired_collections(cfg)
     torch.manual_seed(cfg.seed)
     g = {"t1-to-t2": build_network(opts).to(device), "t2-to-t1": build_network(opts).to(device)}
     d = {"T2": build_discriminator(opts).to(device), "T1": build_discriminator(opts).to(device)}
@@ -433,7 +458,9 @@ def _train_cyclegan(cfg: TrainConfig, opts: NetworkOptions, device: torch.device
     sch_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_lambda)
     lambda_cycle, lambda_identity = 10.0, 0.5
     pools = {"T1": ImagePool(50, random.Random(cfg.seed)), "T2": ImagePool(50, random.Random(cfg.seed + 1))}
-    samples = {c: [(i, k) for i, s in enumerate(train_s) for k in useful_slices(s.mask)] for c in ("T1", "T2")}
+    samples = {c: [(i, k) for i, (_, m) in enumerate(vols) for k in useful_slices(m)] for c, vols in collections.items()}
+    if not samples["T1"] or not samples["T2"]:
+        raise TrainError("cyclegan: a collection has no usable slices (empty head masks)")
     steps = cfg.steps_per_epoch or max(1, len(samples["T1"]) // cfg.batch_size)
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -451,7 +478,7 @@ def _train_cyclegan(cfg: TrainConfig, opts: NetworkOptions, device: torch.device
         sch_d.load_state_dict(state["sch_d"])
         history, start_epoch = state["history"], int(state["epoch"])
     meta = _base_meta(cfg, opts, train_s, val_s, lr, world)
-    scales = {"t1-to-t2": _output_scale(train_s, "T2"), "t2-to-t1": _output_scale(train_s, "T1")}
+    scales = {"t1-to-t2": collections_scale["T2"], "t2-to-t1": collections_scale["T1"]}
     meta.update({
         "name": cfg.name or "dicomnode-cyclegan",
         "directions": list(DIRECTIONS),
@@ -463,6 +490,8 @@ def _train_cyclegan(cfg: TrainConfig, opts: NetworkOptions, device: torch.device
     })
     meta["output_max"] = int(round(meta["output_scale"]))
     meta["window"] = [meta["output_max"] / 2.0, float(meta["output_max"])]
+    meta["training"]["unpaired_volumes"] = {c: len(v) for c, v in collections.items()}
+    meta["training"]["unpaired_slices"] = {c: len(v) for c, v in samples.items()}
     gen = torch.Generator().manual_seed(cfg.seed)
     mse = nn.MSELoss()
 
@@ -489,8 +518,8 @@ def _train_cyclegan(cfg: TrainConfig, opts: NetworkOptions, device: torch.device
                     batch = {}
                     for c, order in (("T1", order_a), ("T2", order_b)):
                         chosen = [samples[c][j] for j in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
-                        xs = [slice_stack(train_s[i].image(c), k, 0) for i, k in chosen]
-                        ms = [train_s[i].mask[:, :, k] for i, k in chosen]
+                        xs = [slice_stack(collections[c][i][0], k, 0) for i, k in chosen]
+                        ms = [collections[c][i][1][:, :, k] for i, k in chosen]
                         xb, _ = _crop_batch(xs, xs, ms, cfg.crop, rng)
                         x = torch.from_numpy(xb).clamp(0, 1)
                         if cfg.augment:

@@ -92,6 +92,23 @@ def test_cyclegan_trains_and_loads_both_directions(paired: Path, tmp_path: Path)
         assert out.shape == vol.shape and out.dtype == np.uint16
 
 
+def test_cyclegan_unpaired_layout(paired: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "unpaired"
+    for w in ("T1", "T2"):
+        (root / w).mkdir(parents=True)
+        for i, sub in enumerate(("sub0", "sub1") if w == "T1" else ("sub1", "sub2")):
+            shutil.copy(paired / sub / f"{w}.nii.gz", root / w / f"v{i}.nii.gz")
+    ck = tmp_path / "gan"
+    r = _run(["train", "--model", "cyclegan", "--data", str(root), "--batch-size", "1", "--crop", "32",
+              "--steps-per-epoch", "1", "--epochs", "1", "--device", "cpu", "--out", str(ck),
+              "--network", '{"ngf": 4, "n_blocks": 1, "ndf": 4}'])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((ck / "model.json").read_text())
+    assert meta["training"]["unpaired_volumes"] == {"T1": 2, "T2": 2}
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "--data", "/nonexistent/data", "--out", "X"], "data folder does not exist"),
     (["evaluate", "--checkpoint", "/nonexistent/ck", "--data", "."], "is missing"),

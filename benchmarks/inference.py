@@ -1,0 +1,146 @@
+"""Inference and training throughput of the default ml model; writes BENCHMARKS.md sections.
+
+Usage: ``python benchmarks/inference.py [--device cpu|cuda] [--write BENCHMARKS.md]``
+
+Only the ``## Inference (ml)`` and ``## Training throughput (ml)`` sections of
+the file are replaced (other sections belong to other benchmarks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ml.inference import load_model, synthesize
+from ml.networks import build_network, parse_options
+
+SECTIONS = ("## Inference (ml)", "## Training throughput (ml)")
+
+
+def _volume(shape: tuple[int, int, int]) -> np.ndarray:
+    x, y = np.meshgrid(np.linspace(-1, 1, shape[0]), np.linspace(-1, 1, shape[1]), indexing="ij")
+    head = ((x / 0.8) ** 2 + (y / 0.9) ** 2 <= 1).astype(np.float32)
+    rng = np.random.default_rng(0)
+    vol = np.repeat(head[:, :, None] * 800.0, shape[2], axis=2)
+    return (vol + rng.normal(0, 20, shape) * head[:, :, None]).astype(np.float32)
+
+
+def bench_inference(device: str, sizes: list[tuple[int, int, int]], repeats: int = 3) -> list[dict[str, float]]:
+    rows = []
+    model = load_model("default", "t1-to-t2", device=device)
+    for shape in sizes:
+        vol = _volume(shape)
+        aff = np.diag([-0.7, -0.7, 3.0, 1.0])
+        synthesize(model, vol[:, :, :4], aff)  # warm-up
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            synthesize(model, vol, aff)
+            times.append(time.perf_counter() - t0)
+        best = min(times)
+        rows.append({"shape": shape, "seconds": best, "median": float(np.median(times)), "slices_per_s": shape[2] / best})
+    return rows
+
+
+def bench_training(device: str, batch: int = 16, crop: int = 128, steps: int = 6) -> dict[str, float]:
+    import json
+
+    meta = json.loads((Path(__file__).resolve().parents[1] / "ml" / "weights" / "unet-t1-to-t2.json").read_text())
+    opts = parse_options(meta["network"])
+    dev = torch.device(device)
+    net = build_network(opts).to(dev).train()
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    x = torch.rand(batch, opts.in_slices, crop, crop, device=dev)
+    y = torch.rand(batch, 1, crop, crop, device=dev)
+    amp = dev.type == "cuda"
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp)
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
+            loss = torch.nn.functional.l1_loss(net(x).float(), y)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    step()
+    if amp:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if amp:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    return {"batch": batch, "crop": crop, "slices_per_s": steps * batch / elapsed}
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = re.search(r"Model name:\s*(.+)", out)
+        cpus = re.search(r"^CPU\(s\):\s*(\d+)", out, re.M)
+        cpu = f"{model.group(1).strip() if model else platform.processor()}, {cpus.group(1) if cpus else '?'} CPU(s) (lscpu)"
+    except (OSError, subprocess.CalledProcessError):
+        cpu = platform.processor()
+    return cpu
+
+
+def replace_sections(path: Path, new: dict[str, str]) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    for heading, body in new.items():
+        block = f"{heading}\n\n{body.strip()}\n"
+        pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+        if pattern.search(text):
+            text = pattern.sub(lambda _: block + "\n", text)
+        else:
+            text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--write", type=Path, default=None, help="BENCHMARKS.md to update")
+    args = ap.parse_args()
+    dev = args.device
+    threads = torch.get_num_threads()
+    sizes = [(256, 256, 48), (320, 320, 48)]
+    if dev.startswith("cuda"):
+        sizes.append((256, 256, 176))
+    inf = bench_inference(dev, sizes)
+    tr = bench_training(dev)
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    hw = machine() if dev == "cpu" else torch.cuda.get_device_name(0)
+    lines = [f"Default model `ml/weights/unet-t1-to-t2` (U-Net, {load_model('default', 't1-to-t2', device=dev).metadata['network']}),",
+             f"full `ml.inference.synthesize` path (reorientation, mask, normalization, network, uint16 output), best of 3.",
+             "", f"Machine: {hw}; device {dev}; torch {torch.__version__}, {threads} threads; {when}.", "",
+             "| volume (i x j x slices) | seconds | slices/s |", "|---|---|---|"]
+    for r in inf:
+        s = r["shape"]
+        lines.append(f"| {s[0]}x{s[1]}x{s[2]} | {r['seconds']:.2f} | {r['slices_per_s']:.1f} |")
+    lines.append("")
+    lines.append("Target: a 48-slice 320x320 series in <= 10 s on 2 CPU cores.")
+    tlines = [f"Machine: {hw}; device {dev}; {threads} threads; {when}.", "",
+              f"U-Net forward + backward + Adam step, batch {tr['batch']}, {tr['crop']}x{tr['crop']} crops: "
+              f"**{tr['slices_per_s']:.1f} slices/s**.",
+              "Measured while nothing else ran in this process; the shipped trainings (sharing 2 cores with other work) "
+              "logged their own throughput per epoch in the checkpoint metadata (`validation.history[].train_slices_per_s`)."]
+    for line in lines + [""] + tlines:
+        print(line)
+    if args.write:
+        replace_sections(args.write, {SECTIONS[0]: "\n".join(lines), SECTIONS[1]: "\n".join(tlines)})
+
+
+if __name__ == "__main__":
+    main()
