@@ -227,3 +227,46 @@ def test_same_instance_twice_is_counted_once(tmp_path: Path) -> None:
     copy.write_bytes(paths[0].read_bytes())
     assert load_series(paths + [copy]).pixels.shape[0] == 4
 
+
+
+def test_legacy_converted_enhanced_multiframe_equals_its_classic_source(tmp_path: Path) -> None:
+    """A Legacy Converted Enhanced MR (made by highdicom from a shuffled classic series) loads like the classic one."""
+    import highdicom as hd
+
+    dss = make_series(SeriesSpec(slices=6, rows=32, cols=40, slice_spacing=2.0))
+    shuffled = dss[:]
+    random.Random(3).shuffle(shuffled)
+    frames = hd.legacy.LegacyConvertedEnhancedMRImage(
+        shuffled, series_instance_uid=hd.UID(), series_number=10, sop_instance_uid=hd.UID(), instance_number=1)
+    path = tmp_path / "legacy.dcm"
+    frames.save_as(path, enforce_file_format=True)
+    classic = load_series(write_series(dss, tmp_path / "classic"))
+    vol = load_series([path])
+    np.testing.assert_array_equal(vol.pixels, classic.pixels)
+    for a, b in zip(vol.slices, classic.slices):
+        np.testing.assert_allclose(a.position, b.position, atol=1e-4)
+        assert a.sop_instance_uid == frames.SOPInstanceUID and a.frame_number is not None
+    np.testing.assert_allclose(vol.affine_ras(), classic.affine_ras(), atol=1e-4)
+
+
+def test_enhanced_pixel_value_transformation_shared_and_per_frame(tmp_path: Path) -> None:
+    import highdicom as hd
+    from pydicom.dataset import Dataset
+
+    dss = make_series(SeriesSpec(slices=4, rows=16, cols=16))
+    frames = hd.legacy.LegacyConvertedEnhancedMRImage(
+        dss, series_instance_uid=hd.UID(), series_number=10, sop_instance_uid=hd.UID(), instance_number=1)
+    shared = frames.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+    shared.RescaleSlope, shared.RescaleIntercept = 2, 5
+    override = Dataset()
+    override.RescaleSlope, override.RescaleIntercept, override.RescaleType = 3, 0, "US"
+    frames.PerFrameFunctionalGroupsSequence[1].PixelValueTransformationSequence = [override]
+    path = tmp_path / "pvt.dcm"
+    frames.save_as(path, enforce_file_format=True)
+    vol = load_series([path])
+    stored = {s.frame_number: k for k, s in enumerate(vol.slices)}
+    raw = frames.pixel_array.astype(np.float32)
+    for frame_number, k in stored.items():
+        assert frame_number is not None
+        factor, offset = (3.0, 0.0) if frame_number == 2 else (2.0, 5.0)
+        np.testing.assert_allclose(vol.pixels[k], raw[frame_number - 1] * factor + offset)
