@@ -99,14 +99,15 @@ def ssl_context(tls: TLSConfig) -> ssl.SSLContext:
 @dataclass
 class _Item:
     path: Path
+    index: int = 0
     sop_class: str = ""
     sop_instance: str = ""
     transfer_syntax: str = ""
     error: str | None = None
 
 
-def _inspect(path: Path) -> _Item:
-    item = _Item(path=Path(path))
+def _inspect(path: Path, index: int) -> _Item:
+    item = _Item(path=Path(path), index=index)
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True,
                              specific_tags=["SOPClassUID", "SOPInstanceUID"])
@@ -162,13 +163,14 @@ def deliver(
     """C-STORE every file to ``destination`` over one association; never raises for network problems."""
     started = time.monotonic()
     result = DeliveryResult(destination=destination.label)
-    items = [_inspect(Path(f)) for f in files]
+    items = [_inspect(Path(f), i) for i, f in enumerate(files)]
+    slots: list[InstanceOutcome | None] = [None] * len(items)  # outcomes in the order of ``files``
     for it in items:
         if it.error:
-            result.outcomes.append(InstanceOutcome(it.sop_instance, None, False, False, it.error))
+            slots[it.index] = InstanceOutcome(it.sop_instance, None, False, False, it.error)
     sendable = [it for it in items if not it.error]
     if not sendable:
-        _log(result, destination, calling_ae_title, started, None, False)
+        _finish(result, slots, destination, calling_ae_title, started, None, False)
         return result
 
     ae = AE(ae_title=calling_ae_title)
@@ -196,8 +198,8 @@ def deliver(
             tls_args = (ssl_context(destination.tls), destination.host)
         except (OSError, ssl.SSLError) as exc:
             result.error = f"TLS configuration error: {exc}"
-            _fail_all(result, sendable, False, result.error)
-            _log(result, destination, calling_ae_title, started, None, False)
+            _fail_all(slots, sendable, False, result.error)
+            _finish(result, slots, destination, calling_ae_title, started, None, False)
             return result
 
     assoc_started = time.monotonic()
@@ -208,8 +210,8 @@ def deliver(
         )
     except Exception as exc:  # noqa: BLE001 - e.g. name resolution inside pynetdicom
         result.error = f"association failed: {exc}".replace("\n", " ")
-        _fail_all(result, sendable, True, result.error)
-        _log(result, destination, calling_ae_title, started, None, False)
+        _fail_all(slots, sendable, True, result.error)
+        _finish(result, slots, destination, calling_ae_title, started, None, False)
         ae.shutdown()
         return result
     assoc_s = time.monotonic() - assoc_started
@@ -230,19 +232,19 @@ def deliver(
                 result.error = "association aborted during negotiation"
             else:
                 result.error = f"no answer to the association request within {timeout:g} s"
-            _fail_all(result, sendable, retryable, result.error)
+            _fail_all(slots, sendable, retryable, result.error)
             return result
 
         state["nodelay"] = state["nodelay"] or _set_nodelay(assoc)
         for idx, it in enumerate(sendable):
             if not assoc.is_established:
                 detail = "not sent: association " + ("aborted" if assoc.is_aborted else "ended")
-                for rest in sendable[idx:]:
-                    result.outcomes.append(InstanceOutcome(rest.sop_instance, None, False, True, detail))
+                _fail_all(slots, sendable[idx:], True, detail)
                 if result.error is None:
-                    result.error = f"association {'aborted' if assoc.is_aborted else 'ended'} after {idx} instance(s)"
+                    result.error = (f"association {'aborted' if assoc.is_aborted else 'ended'} midway: "
+                                    f"{len(sendable) - idx} of {len(sendable)} instance(s) not sent")
                 break
-            result.outcomes.append(_send_one(assoc, it, msg_id=idx + 1))
+            slots[it.index] = _send_one(assoc, it, msg_id=idx + 1)
         else:
             assoc.release()
         return result
@@ -250,7 +252,7 @@ def deliver(
         if assoc.is_established:
             assoc.abort()
         ae.shutdown()
-        _log(result, destination, calling_ae_title, started, assoc_s, state["nodelay"])
+        _finish(result, slots, destination, calling_ae_title, started, assoc_s, state["nodelay"])
 
 
 def _send_one(assoc: Association, it: _Item, msg_id: int) -> InstanceOutcome:
@@ -274,9 +276,15 @@ def _send_one(assoc: Association, it: _Item, msg_id: int) -> InstanceOutcome:
     return InstanceOutcome(it.sop_instance, status, stored, retryable, text)
 
 
-def _fail_all(result: DeliveryResult, items: list[_Item], retryable: bool, detail: str) -> None:
+def _fail_all(slots: list[InstanceOutcome | None], items: list[_Item], retryable: bool, detail: str) -> None:
     for it in items:
-        result.outcomes.append(InstanceOutcome(it.sop_instance, None, False, retryable, detail))
+        slots[it.index] = InstanceOutcome(it.sop_instance, None, False, retryable, detail)
+
+
+def _finish(result: DeliveryResult, slots: list[InstanceOutcome | None], destination: Destination, calling: str,
+            started: float, assoc_s: float | None, nodelay: bool) -> None:
+    result.outcomes = [o for o in slots if o is not None]
+    _log(result, destination, calling, started, assoc_s, nodelay)
 
 
 def _log(result: DeliveryResult, destination: Destination, calling: str, started: float,

@@ -202,8 +202,9 @@ def test_unreadable_file_is_a_permanent_failure_of_that_file(tmp_path: Path) -> 
     junk.write_bytes(b"not dicom at all")
     with PynetdicomStoreSCP(0x0000) as scp:
         result = deliver([junk, *files], _dest(scp.port), calling_ae_title=CALLING, timeout=10)
-    bad = [o for o in result.outcomes if not o.stored]
-    assert len(bad) == 1 and not bad[0].retryable and "cannot read" in bad[0].detail
+    bad = result.outcomes[0]  # outcomes follow the order of the files given
+    assert not bad.stored and not bad.retryable and "cannot read" in bad.detail
+    assert [o.sop_instance_uid for o in result.outcomes[1:]] == _uids(files)
     assert result.stored_count == 2
 
 
