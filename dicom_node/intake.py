@@ -78,13 +78,17 @@ def validate(ds: Dataset, path: Path, sop_class_uid: str, sop_instance_uid: str)
         if not valid_uid(uid):
             raise Malformed(f"invalid {name} {uid[:80]!r}" if uid else f"missing {name}")
     if _requires_pixels(sop_class_uid):
-        elem = next((ds.get_item(t) for t in _PIXEL_TAGS if t in ds), None)
+        elem = next((ds.get_item(t, keep_deferred=True) for t in _PIXEL_TAGS if t in ds), None)
         if elem is None:
             raise Malformed("image without pixel data")
+        # a RawDataElement when deferred (large); a decoded DataElement when small
         length = getattr(elem, "length", None)
         tell = getattr(elem, "value_tell", None)
+        if length is None and elem.value is not None:
+            length, tell = len(elem.value), 0
         if length is not None and length != _UNDEFINED and tell is not None:
-            if tell + length > path.stat().st_size:
+            deflated = ds.file_meta.TransferSyntaxUID.is_deflated  # offsets are in the inflated stream
+            if not deflated and tell + length > path.stat().st_size:
                 raise Malformed(f"truncated: pixel data needs {length} bytes, file ends {path.stat().st_size - tell} bytes after its start")
             if elem.tag == 0x7FE00010 and not ds.file_meta.TransferSyntaxUID.is_compressed:
                 try:

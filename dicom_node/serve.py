@@ -164,7 +164,7 @@ def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
         pool.supervise()
 
     server.shutdown()  # stops accepting; established associations carry on
-    deadline = time.monotonic() + cfg.node.dimse_timeout
+    deadline = time.monotonic() + min(cfg.node.dimse_timeout, 30.0)
     while server.active_associations and time.monotonic() < deadline:
         time.sleep(0.1)
     if server.active_associations:

@@ -1,0 +1,189 @@
+"""Run the real ``dicomnode serve`` as a subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from netutil import free_port
+
+DICOMNODE = [sys.executable, "-m", "dicom_node.cli"]
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(v)
+
+
+def write_config(folder: Path, sections: dict[str, dict[str, Any]], destinations: list[dict[str, Any]] | None = None) -> Path:
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    for d in destinations or []:
+        lines.append("[[destinations]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in d.items()]
+        lines.append("")
+    path = folder / "config.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def node_sections(folder: Path, port: int, **over: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    sections: dict[str, dict[str, Any]] = {
+        "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port, "max_associations": 10},
+        "security": {"allowed_calling_aets": ["STORESCU", "ECHOSCU", "SENDER1", "SENDER2", "SENDER3", "SENDER4", "PYNETDICOM"]},
+        "storage": {"dir": str(folder / "var")},
+        "series": {"quiet_seconds": 1.0, "min_slices": 4},
+        "worker": {"processes": 0},
+    }
+    for k, v in over.items():
+        sections.setdefault(k, {}).update(v)
+    return sections
+
+
+def wait_for_echo(port: int, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    """Ready = answers C-ECHO (a bare TCP probe would hold an association slot until its ACSE timeout)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 5
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode}")
+        assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+        if assoc.is_established:
+            assoc.send_c_echo()
+            assoc.release()
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"no C-ECHO answer on {port} after {timeout}s")
+
+
+class NodeProcess:
+    def __init__(self, folder: Path, destinations: list[dict[str, Any]] | None = None, **over: dict[str, Any]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.port = free_port()
+        self.sections = node_sections(folder, self.port, **over)
+        self.config = write_config(folder, self.sections, destinations)
+        self.storage = Path(self.sections["storage"]["dir"])
+        self.log_path = folder / "serve.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> "NodeProcess":
+        log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([*DICOMNODE, "serve", "--config", str(self.config)], stdout=log,
+                                     stderr=subprocess.STDOUT, cwd=self.folder, env=env)
+        try:
+            wait_for_echo(self.port, timeout=timeout, proc=self.proc)
+        except Exception:
+            raise RuntimeError(f"dicomnode serve did not start:\n{self.log()}") from None
+        return self
+
+    def __enter__(self) -> "NodeProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 60) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        # workers are children in their own right: kill them too (as a crash of the host would)
+        subprocess.run(["pkill", "-9", "-f", f"{self.config}"], check=False)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run([*DICOMNODE, *args, "--config", str(self.config)], capture_output=True, text=True,
+                             cwd=self.folder, timeout=120)
+        if check and res.returncode != 0:
+            raise AssertionError(f"dicomnode {' '.join(args)} exited {res.returncode}: {res.stderr}")
+        return res
+
+    def status(self, *args: str) -> dict[str, Any]:
+        return json.loads(self.cli("status", "--json", "--limit", "500", *args).stdout)
+
+    def wait_for(self, predicate: Any, timeout: float = 30, what: str = "condition") -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        st: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            st = self.status()
+            if predicate(st):
+                return st
+            time.sleep(0.3)
+        raise AssertionError(f"timed out waiting for {what}; status: {json.dumps(st, indent=1)[:3000]}\nlog:\n{self.log()[-4000:]}")
+
+    def series(self, uid: str) -> dict[str, Any] | None:
+        return next((s for s in self.status()["series"] if s["series_uid"] == uid), None)
+
+
+def pynetdicom_send(port: int, datasets: list[Any], calling: str = "PYNETDICOM", called: str = "DICOMNODE",
+                    on_status: Any = None) -> list[int | None]:
+    """Send with a pynetdicom SCU over one association; returns each status (None = no response)."""
+    from pynetdicom import AE
+    from pynetdicom.presentation import build_context
+
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    classes = sorted({str(ds.SOPClassUID) if hasattr(ds, "SOPClassUID") else _path_class(ds) for ds in datasets})
+    contexts = [build_context(c) for c in classes]
+    ae.requested_contexts = contexts
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if not assoc.is_established:
+        return [None] * len(datasets)
+    out: list[int | None] = []
+    try:
+        for ds in datasets:
+            rsp = assoc.send_c_store(ds)
+            code = int(rsp.Status) if rsp is not None and "Status" in rsp else None
+            out.append(code)
+            if on_status:
+                on_status(ds, code)
+            if not assoc.is_established:
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    out += [None] * (len(datasets) - len(out))
+    return out
+
+
+def _path_class(p: Any) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(p, stop_before_pixels=True).SOPClassUID)
