@@ -70,7 +70,16 @@ class Worker:
         return m
 
     # ------------------------------------------------------------ loop
+    def warm_up(self) -> None:
+        """Load the models before the first job, so the first series waits no longer than the others."""
+        for direction in self.cfg.model.directions:
+            try:
+                self.model(direction)
+            except Exception as exc:  # jobs of this direction will fail with the same reason
+                log.error("model for %s could not be loaded: %s", direction.value, exc)
+
     def run(self, stop: threading.Event) -> None:
+        self.warm_up()
         log.info("worker %s polling the ledger", self.name)
         while not stop.is_set():
             job = self.ledger.claim_job(self.name, self.cfg.worker.lease_seconds)
@@ -141,7 +150,10 @@ class Worker:
         self.ledger.job_running(job.id, self.name, timings)
 
         t0 = time.monotonic()
-        model = self.model(direction)
+        try:
+            model = self.model(direction)
+        except Exception as exc:  # missing/corrupt checkpoint: clear reason, no traceback
+            raise JobFailed(f"model for {direction.value} unavailable: {exc}") from None
         synth = synthesize(model, vol.nifti_order(), vol.affine_ras(), batch_size=self.cfg.model.batch_size)
         pixels = vol.from_nifti_order(synth)
         self._stage(timings, "inference", t0)
@@ -219,7 +231,7 @@ def run_worker(cfg: Config, stop: threading.Event | None = None) -> int:
     stop = stop or threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
-        log.info("worker received %s; stopping after the current step", signal.Signals(signum).name)
+        log.info("worker received %s; stopping (a job in progress is handed back)", signal.Signals(signum).name)
         stop.set()
         # a job interrupted now is resumed by the next worker when its lease is released
         raise SystemExit(0)

@@ -1,0 +1,121 @@
+"""Ledger semantics: idempotent instances, conditional completion, atomic job claims, leases, migration."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from storage.db import LedgerError
+from storage.ledger import InstanceRecord, Ledger, utcnow
+
+
+def rec(sop: str, series: str = "1.2.3", study: str = "1.2") -> InstanceRecord:
+    return InstanceRecord(sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.4", study_uid=study,
+                          series_uid=series, transfer_syntax="1.2.840.10008.1.2.1", path=f"{study}/{series}/{sop}.dcm",
+                          size_bytes=10, calling_aet="A", modality="MR", description="t1", attrs={})
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Ledger:
+    return Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+
+
+def queue_jobs(ledger: Ledger, n: int) -> list[int]:
+    ids = []
+    for i in range(n):
+        ledger.record_instance(rec(f"1.9.{i}", series=f"1.3.{i}"))
+    for due in ledger.due_series(0, None, now=utcnow() + timedelta(seconds=1)):
+        ids.append(ledger.complete_series(due, classification="T1", reason="r", direction="t1-to-t2"))
+    return ids
+
+
+def test_instances_are_unique_and_a_resend_is_not_counted(ledger: Ledger) -> None:
+    a = ledger.record_instance(rec("1.1"))
+    b = ledger.record_instance(rec("1.1"))
+    assert not a.duplicate and b.duplicate
+    assert ledger.status()["series"][0]["instances"] == 1
+
+
+def test_completion_loses_to_a_newer_instance(ledger: Ledger) -> None:
+    ledger.record_instance(rec("1.1"))
+    (due,) = ledger.due_series(0, None, now=utcnow() + timedelta(seconds=1))
+    ledger.record_instance(rec("1.2"))  # arrives between the check and the hand-on
+    assert ledger.complete_series(due, classification="T1", reason="r", direction="t1-to-t2") is False
+    (due2,) = ledger.due_series(0, None, now=utcnow() + timedelta(seconds=1))
+    assert due2.instances == 2
+    assert isinstance(ledger.complete_series(due2, classification="T1", reason="r", direction="t1-to-t2"), int)
+
+
+def _claim_all(url: str, name: str, out: "mp.Queue[tuple[str, int]]") -> None:
+    led = Ledger(url)
+    while (job := led.claim_job(name, 60)) is not None:
+        out.put((name, job.id))
+        led.job_done(job.id, name, {})
+    led.close()
+
+
+def test_concurrent_workers_never_take_the_same_job(ledger: Ledger) -> None:
+    ids = queue_jobs(ledger, 30)
+    ctx = mp.get_context("spawn")
+    q: mp.Queue = ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(ledger.url, f"w{i}", q)) for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    claims = [q.get(timeout=5) for _ in range(q.qsize())] if hasattr(q, "qsize") else []
+    claimed = [jid for _, jid in claims]
+    assert sorted(claimed) == sorted(ids)  # every job exactly once
+    assert {j["state"] for j in ledger.status(limit=100)["jobs"]} == {"done"}
+
+
+def test_a_dead_workers_job_is_taken_over_after_its_lease(ledger: Ledger) -> None:
+    (jid,) = queue_jobs(ledger, 1)
+    first = ledger.claim_job("host:1", lease_seconds=30)
+    assert first is not None and first.id == jid
+    assert ledger.claim_job("host:2", 30) is None  # lease still valid
+    later = utcnow() + timedelta(seconds=31)
+    taken = ledger.claim_job("host:2", 30, now=later)
+    assert taken is not None and taken.id == jid and taken.runs == 2
+    assert not ledger.job_done(jid, "host:1", {})  # the old owner can no longer write
+    assert ledger.job_done(jid, "host:2", {})
+
+
+def test_release_of_dead_local_workers(ledger: Ledger) -> None:
+    (jid,) = queue_jobs(ledger, 1)
+    assert ledger.claim_job("thishost:999999", 300) is not None
+    assert ledger.release_leases("thishost", alive=lambda w: False) == 1
+    again = ledger.claim_job("thishost:1", 300)
+    assert again is not None and again.id == jid
+
+
+def test_retry_requeues_a_failed_job_only(ledger: Ledger) -> None:
+    (jid,) = queue_jobs(ledger, 1)
+    ledger.claim_job("w", 60)
+    with pytest.raises(ValueError, match="running"):
+        ledger.retry_job(jid)
+    ledger.job_failed(jid, "w", "PACS said no")
+    assert ledger.retry_job(jid) == "failed"
+    assert ledger.status()["jobs"][0]["state"] == "queued"
+    with pytest.raises(KeyError):
+        ledger.retry_job(999)
+
+
+def test_schema_version_is_kept_and_checked(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    assert Ledger(url).schema_version == 1
+    assert Ledger(url).schema_version == 1  # reopening migrates nothing
+    con = sqlite3.connect(tmp_path / "l.db")
+    con.execute("update meta set value = '99' where key = 'schema_version'")
+    con.commit()
+    with pytest.raises(LedgerError, match="newer"):
+        Ledger(url)
+
+
+def test_sqlite_runs_in_wal_mode(ledger: Ledger, tmp_path: Path) -> None:
+    con = sqlite3.connect(tmp_path / "ledger.db")
+    assert con.execute("pragma journal_mode").fetchone()[0] == "wal"
