@@ -6,7 +6,8 @@ Output range: the network predicts the target contrast normalized to [0, 1]
 percentile of the target contrast over the training subjects, stored in the
 checkpoint metadata - and rounds to ``np.uint16``; values therefore lie in
 ``[0, output_max]`` with ``output_max = round(output_scale)``.  The suggested
-display window is ``(output_max / 2, output_max)``.
+display window is ``(output_max / 2, output_max)``.  Voxels more than two voxels
+outside the input's head mask (Otsu foreground, holes filled) are set to 0.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch import nn
 from torch.nn import functional as F
 
@@ -197,9 +199,12 @@ def synthesize(model: LoadedModel, data: np.ndarray, affine: np.ndarray, *, batc
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     canon, _ = to_canonical(arr.astype(np.float32, copy=False), aff)
-    normed, _ = normalize(canon, head_mask(canon))
+    mask = head_mask(canon)
+    normed, _ = normalize(canon, mask)
     pred = predict_normalized(model.net, normed, model.options, batch_size=batch_size, device=model.device,
                               progress=progress)
+    # outside the (slightly dilated) head of the input there is nothing to synthesize: background is 0
+    pred[~ndimage.binary_dilation(mask, iterations=2)] = 0.0
     scaled = np.rint(pred * model.output_scale)
     np.clip(scaled, 0, model.output_max, out=scaled)
     return from_canonical(scaled.astype(np.uint16), aff)

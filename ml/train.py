@@ -22,11 +22,12 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from scipy import ndimage
 from torch import nn
 from torch.nn import functional as F
 
 from .checkpoint import CheckpointError, checkpoint_paths, package_version, save_checkpoint
-from .data import DataError, Subject, discover_paired, load_subjects, slice_stack, split_names, useful_slices
+from .data import DataError, Subject, head_mask, discover_paired, load_subjects, slice_stack, split_names, useful_slices
 from .inference import DIRECTIONS, predict_normalized, resolve_device
 from .metrics import NORMALIZATION_TEXT, compare
 from .networks import Architecture, NetworkOptions, build_discriminator, build_network, init_weights, parse_options
@@ -165,6 +166,7 @@ def _validate(gens: dict[str, nn.Module], opts: NetworkOptions, val: Sequence[Su
         per: dict[str, dict[str, float]] = {}
         for s in val:
             pred = predict_normalized(net, s.image(src), opts, batch_size=16, device=device)
+            pred[~ndimage.binary_dilation(head_mask(s.image(src)), iterations=2)] = 0.0  # as synthesize() does
             per[s.name] = compare(pred, s.image(tgt), s.mask)
         net.train(was_training)
         if per:
