@@ -124,65 +124,48 @@ class Ledger:
         raise AssertionError("unreachable")
 
     def _record_instance(self, rec: InstanceRecord, now: datetime) -> RecordOutcome:
-        with self.session() as s, s.begin():
-            series = s.scalar(select(Series).where(Series.series_uid == rec.series_uid))
-            if series is None:
-                series = Series(
-                    study_uid=rec.study_uid,
-                    series_uid=rec.series_uid,
-                    state=SeriesState.RECEIVING.value,
-                    generation=1,
-                    instances=0,
-                    calling_aet=rec.calling_aet,
-                    modality=rec.modality,
+        # Hot path (one call per received instance): Core statements, one transaction.
+        S, I = Series.__table__, Instance.__table__
+        with self.engine.begin() as c:
+            row = c.execute(select(S.c.id, S.c.state, S.c.generation).where(S.c.series_uid == rec.series_uid)).first()
+            if row is None:
+                sid = c.execute(S.insert().values(
+                    study_uid=rec.study_uid, series_uid=rec.series_uid, state=SeriesState.RECEIVING.value,
+                    generation=1, instances=0, calling_aet=rec.calling_aet, modality=rec.modality,
                     description=(rec.description or None) and rec.description[:128],
-                    first_received_at=now,
-                    last_received_at=now,
-                )
-                s.add(series)
-                s.flush()
-            existing = s.scalar(select(Instance).where(Instance.sop_instance_uid == rec.sop_instance_uid))
+                    first_received_at=now, last_received_at=now,
+                )).inserted_primary_key[0]
+                state, generation = SeriesState.RECEIVING.value, 1
+            else:
+                sid, state, generation = row
+            existing = c.execute(select(I.c.id).where(I.c.sop_instance_uid == rec.sop_instance_uid)).first()
             if existing is not None:
                 # resend: the file was replaced in place; refresh the row, no new instance
-                existing.size_bytes = rec.size_bytes
-                existing.transfer_syntax = rec.transfer_syntax
-                existing.received_at = now
-                existing.attrs = rec.attrs
-                if series.state == SeriesState.RECEIVING.value:
-                    series.last_received_at = now
-                return RecordOutcome(series.id, duplicate=True, reopened=False, generation=series.generation)
-            s.add(
-                Instance(
-                    sop_instance_uid=rec.sop_instance_uid,
-                    series_id=series.id,
-                    sop_class_uid=rec.sop_class_uid,
-                    transfer_syntax=rec.transfer_syntax,
-                    path=rec.path,
-                    size_bytes=rec.size_bytes,
-                    calling_aet=rec.calling_aet,
-                    received_at=now,
-                    attrs=rec.attrs,
-                )
-            )
-            reopened = False
-            if series.state != SeriesState.RECEIVING.value:
-                reopened = True
-                series.state = SeriesState.RECEIVING.value
-                series.generation += 1
-                series.completed_at = None
-                series.classification = None
-                series.reason = None
+                c.execute(I.update().where(I.c.id == existing[0]).values(
+                    size_bytes=rec.size_bytes, transfer_syntax=rec.transfer_syntax, received_at=now, attrs=rec.attrs))
+                if state == SeriesState.RECEIVING.value:
+                    c.execute(S.update().where(S.c.id == sid).values(last_received_at=now))
+                return RecordOutcome(sid, duplicate=True, reopened=False, generation=generation)
+            c.execute(I.insert().values(
+                sop_instance_uid=rec.sop_instance_uid, series_id=sid, sop_class_uid=rec.sop_class_uid,
+                transfer_syntax=rec.transfer_syntax, path=rec.path, size_bytes=rec.size_bytes,
+                calling_aet=rec.calling_aet, received_at=now, attrs=rec.attrs,
+            ))
+            values: dict[str, Any] = dict(instances=S.c.instances + 1, last_received_at=now, release_seen_at=None)
+            reopened = state != SeriesState.RECEIVING.value
+            if reopened:
+                generation += 1
+                values.update(state=SeriesState.RECEIVING.value, generation=generation, completed_at=None,
+                              classification=None, reason=None)
                 # a job not yet started is covered by the job of the grown series
-                s.execute(
+                c.execute(
                     update(Job)
-                    .where(Job.series_id == series.id, Job.state == JobState.QUEUED.value)
+                    .where(Job.series_id == sid, Job.state == JobState.QUEUED.value)
                     .values(state=JobState.SUPERSEDED.value, error="series grew before the job started",
                             finished_at=now)
                 )
-            series.instances += 1
-            series.last_received_at = now
-            series.release_seen_at = None
-            return RecordOutcome(series.id, duplicate=False, reopened=reopened, generation=series.generation)
+            c.execute(S.update().where(S.c.id == sid).values(**values))
+            return RecordOutcome(sid, duplicate=False, reopened=reopened, generation=generation)
 
     def record_rejection(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import shutil
 import sqlite3
 import subprocess
@@ -370,3 +371,44 @@ def test_deflated_transfer_syntax_is_received(node: NodeProcess, tmp_path: Path)
         got = dcmread(spooled(node, ds))
         assert got.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
         assert (got.pixel_array == ds.pixel_array).all()
+
+
+def test_tls_with_required_client_certificate(tmp_path: Path) -> None:
+    import ssl
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import MRImageStorage
+
+    from netutil import self_signed_cert
+
+    server_cert, server_key = self_signed_cert(tmp_path / "certs", "node")
+    client_cert, client_key = self_signed_cert(tmp_path / "certs", "modality")
+    tls = {"cert": str(server_cert), "key": str(server_key), "ca": str(client_cert), "require_client_cert": True}
+    node = NodeProcess(tmp_path / "n", security={"tls": tls})
+    # the node only speaks TLS, so wait for its port rather than for a plain C-ECHO
+    from netutil import wait_for_port
+
+    log = open(node.log_path, "ab")
+    node.proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(node.config)],
+                                 stdout=log, stderr=subprocess.STDOUT, cwd=node.folder)
+    try:
+        wait_for_port(node.port, proc=node.proc)
+
+        def client(with_cert: bool) -> ssl.SSLContext:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_cert))
+            if with_cert:
+                ctx.load_cert_chain(str(client_cert), str(client_key))
+            return ctx
+
+        series = make_series(SeriesSpec(slices=3))
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context(MRImageStorage)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE", tls_args=(client(True), "127.0.0.1"))
+        assert assoc.is_established
+        assert [int(assoc.send_c_store(ds).Status) for ds in series] == [SUCCESS] * 3
+        assoc.release()
+        refused = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE", tls_args=(client(False), "127.0.0.1"))
+        assert not refused.is_established
+        assert ledger_rows(node, "select count(*) from instances") == [(3,)]
+    finally:
+        node.stop()

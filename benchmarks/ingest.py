@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Ingest throughput of ``dicomnode serve`` against real peers, in one run.
+
+A 500-instance 256x256 16-bit MR series is generated once, then sent with dcmtk
+``storescu`` over one association to (a) ``dicomnode serve`` (durable: fsync +
+rename + ledger row before each success), (b) dcmtk ``storescp``, (c)
+pynetdicom's bundled ``storescp`` app, alternating ``--rounds`` times.  All
+dcmtk tools run with ``TCP_NODELAY=1``; dicomnode sets TCP_NODELAY itself;
+pynetdicom's app leaves Nagle's algorithm on (it has no option for it).
+
+``--memory`` also sends a ~1 GB series (2000 instances of 512x512x16 bit) to
+``dicomnode serve`` and reports the peak resident memory (VmHWM) of the serve
+process.
+
+Usage: python benchmarks/ingest.py [--rounds 3] [--memory] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from dicomgen import SeriesSpec, make_series, write_series  # noqa: E402
+from netutil import dcmtk_env, free_port, wait_for_port  # noqa: E402
+from nodeproc import toml_value  # noqa: E402
+
+
+def generate(folder: Path, slices: int, size: int) -> tuple[list[Path], int]:
+    if folder.is_dir() and len(list(folder.glob("*.dcm"))) == slices:
+        files = sorted(folder.glob("*.dcm"))
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        files = []
+        for start in range(0, slices, 100):  # in chunks: bounded memory for the 1 GB series
+            chunk = make_series(SeriesSpec(slices=min(100, slices - start), rows=size, cols=size, seed=start))
+            files += write_series(chunk, folder)
+    return files, sum(f.stat().st_size for f in files)
+
+
+def node_config(folder: Path, port: int) -> Path:
+    cfg = {
+        "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port},
+        "security": {"allowed_calling_aets": ["STORESCU"]},
+        "storage": {"dir": str(folder / "var"), "min_free_mb": 64},
+        "series": {"quiet_seconds": 3600.0, "complete_on_release": False},
+        "worker": {"processes": 0},
+    }
+    text = "\n".join(f"[{s}]\n" + "\n".join(f"{k} = {toml_value(v)}" for k, v in vals.items()) for s, vals in cfg.items())
+    path = folder / "config.toml"
+    path.write_text(text + "\n")
+    return path
+
+
+class Peer:
+    def __init__(self, name: str, work: Path) -> None:
+        self.name = name
+        self.work = work
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
+        out = self.work / "out"
+        out.mkdir()
+        env = dcmtk_env()
+        if self.name == "dicomnode":
+            cmd = [sys.executable, "-m", "dicom_node.cli", "--log-level", "WARNING", "serve", "--config",
+                   str(node_config(self.work, self.port))]
+        elif self.name == "dcmtk storescp":
+            cmd = ["storescp", "--aetitle", "DICOMNODE", "--output-directory", str(out), str(self.port)]
+        else:
+            cmd = [sys.executable, "-m", "pynetdicom", "storescp", str(self.port), "--ae-title", "DICOMNODE",
+                   "--output-directory", str(out)]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.work)
+        wait_for_port(self.port, proc=self.proc, timeout=60)
+        time.sleep(0.5 if self.name != "dicomnode" else 1.0)  # let a raw TCP probe's association time out cleanly
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def send(port: int, folder: Path) -> float:
+    t0 = time.perf_counter()
+    res = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "DICOMNODE", "--scan-directories",
+                          "127.0.0.1", str(port), str(folder)], env=dcmtk_env(), capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"storescu failed: {res.stderr[-1000:]}")
+    return dt
+
+
+def vm_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{socket.gethostname()}: {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--instances", type=int, default=500)
+    ap.add_argument("--memory", action="store_true", help="also measure serve's peak memory on a ~1 GB series")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "dicomnode-bench")
+    args = ap.parse_args()
+    if shutil.which("storescu") is None:
+        print("dcmtk is not installed (apt-get install dcmtk)", file=sys.stderr)
+        return 2
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    files, nbytes = generate(work / "series500", args.instances, 256)
+    print(f"# {machine()}")
+    print(f"# series: {len(files)} instances of 256x256x16 bit, {nbytes / 1e6:.1f} MB; one association per send")
+    print("# TCP_NODELAY=1 for storescu and storescp; dicomnode sets TCP_NODELAY; pynetdicom's app leaves Nagle on")
+    peers = ["dicomnode", "dcmtk storescp", "pynetdicom storescp"]
+    times: dict[str, list[float]] = {p: [] for p in peers}
+    for r in range(args.rounds):
+        for name in peers:
+            peer = Peer(name, work / name.replace(" ", "_"))
+            peer.start()
+            try:
+                dt = send(peer.port, work / "series500")
+            finally:
+                peer.stop()
+            times[name].append(dt)
+            print(f"round {r + 1} {name:20s} {len(files) / dt:8.1f} inst/s {nbytes / 1e6 / dt:7.1f} MB/s", flush=True)
+    med = {p: statistics.median(t) for p, t in times.items()}
+    print("\n| receiver | instances/s (median) | MB/s | ratio dicomnode / receiver |")
+    print("|---|---|---|---|")
+    for p in peers:
+        print(f"| {p} | {len(files) / med[p]:.0f} | {nbytes / 1e6 / med[p]:.1f} | {med[p] / med['dicomnode']:.2f} |"
+              if p != "dicomnode" else f"| {p} | {len(files) / med[p]:.0f} | {nbytes / 1e6 / med[p]:.1f} | 1.00 |")
+    # ratio = throughput(dicomnode) / throughput(peer) = time(peer) / time(dicomnode)
+    if args.memory:
+        big, big_bytes = generate(work / "series1g", 2000, 512)
+        peer = Peer("dicomnode", work / "dicomnode_mem")
+        peer.start()
+        try:
+            dt = send(peer.port, work / "series1g")
+            hwm = vm_hwm_mb(peer.proc.pid)  # type: ignore[union-attr]
+        finally:
+            peer.stop()
+        print(f"\npeak RSS (VmHWM) of dicomnode serve while receiving {len(big)} instances, {big_bytes / 1e9:.2f} GB "
+              f"in {dt:.1f} s ({big_bytes / 1e6 / dt:.0f} MB/s): {hwm:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
