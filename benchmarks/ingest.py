@@ -116,6 +116,24 @@ def vm_hwm_mb(pid: int) -> float:
     return float("nan")
 
 
+def fsync_floor_ms(folder: Path, size: int, n: int = 200) -> float:
+    """The durability cost alone on this disk: write + fsync + rename + folder fsync per instance."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = os.urandom(size)
+    t0 = time.perf_counter()
+    for i in range(n):
+        tmp, final = folder / f"{i}.part", folder / f"{i}.dcm"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, data)
+        os.fsync(fd)
+        os.close(fd)
+        os.replace(tmp, final)
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(dfd)
+        os.close(dfd)
+    return (time.perf_counter() - t0) / n * 1000
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -164,6 +182,9 @@ def main() -> int:
         print(f"| {p} | {len(files) / med[p]:.0f} | {nbytes / 1e6 / med[p]:.1f} | {med[p] / med['dicomnode']:.2f} |"
               if p != "dicomnode" else f"| {p} | {len(files) / med[p]:.0f} | {nbytes / 1e6 / med[p]:.1f} | 1.00 |")
     # ratio = throughput(dicomnode) / throughput(peer) = time(peer) / time(dicomnode)
+    floor = fsync_floor_ms(work / "fsync_floor", nbytes // len(files))
+    print(f"\ndurability floor on this disk: {floor:.2f} ms per instance (write, fsync, rename, folder fsync) "
+          f"= at most {1000 / floor:.0f} instances/s over one association, before any DICOM work")
     if args.memory:
         big, big_bytes = generate(work / "series1g", 2000, 512)
         peer = Peer("dicomnode", work / "dicomnode_mem")

@@ -230,3 +230,24 @@ def test_a_corrupt_instance_fails_its_job_and_leaves_other_series_alone(tmp_path
             assert len(pacs.instances_of_series(done["output_series_uid"])) == 8
         finally:
             node.stop()
+
+
+def test_a_separate_worker_process_takes_jobs_from_the_shared_ledger(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    with DcmtkStoreSCP(tmp_path / "storescp") as scp:
+        node = start_node(tmp_path / "node", [dest(scp, "storescp")], worker={"processes": 0})
+        worker = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "worker", "--config", str(node.config)],
+                                  stdout=subprocess.DEVNULL, stderr=open(tmp_path / "worker.log", "wb"))
+        try:
+            t1 = make_series(SeriesSpec(weighting="T1", slices=6))
+            send(node, t1, tmp_path / "t1")
+            job = job_of(node, t1[0].SeriesInstanceUID, ("done",))
+            assert job["worker"].endswith(f":{worker.pid}")
+            assert len(list((tmp_path / "storescp").iterdir())) == 6
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(60) == 0
+            node.stop()
