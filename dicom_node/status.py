@@ -39,6 +39,8 @@ def render(data: dict[str, list[dict[str, Any]]], console: Console | None = None
     for j in data["jobs"]:
         style = _STYLE.get(j["state"], "")
         err = j["error"] or ""
+        if j.get("deliveries") and j["state"] != "done":
+            err = (err + " " if err else "") + "; ".join(f"{d}: {v}" for d, v in j["deliveries"].items())
         if j["state"] == "delivering" and j.get("next_attempt_at") and j["attempts"]:
             err = f"retry {j['attempts']} at {_t(j['next_attempt_at'])}: {err}"
         jt.add_row(str(j["id"]), f"[{style}]{j['state']}[/]" if style else j["state"], j["direction"],

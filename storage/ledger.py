@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Sequence
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -478,6 +478,17 @@ class Ledger:
                 }
                 for j in s.scalars(jq)
             ]
+            if jobs:
+                counts: dict[int, dict[str, str]] = {}
+                for jid, dest, stored, total in s.execute(
+                    select(Delivery.job_id, Delivery.destination, func.sum(case((Delivery.stored.is_(True), 1), else_=0)),
+                           func.count())
+                    .where(Delivery.job_id.in_([j["id"] for j in jobs]))
+                    .group_by(Delivery.job_id, Delivery.destination)
+                ):
+                    counts.setdefault(jid, {})[dest] = f"{int(stored or 0)}/{total} stored"
+                for j in jobs:
+                    j["deliveries"] = counts.get(j["id"], {})
             rejections = [
                 {
                     "at": iso(r.at),

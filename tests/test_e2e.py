@@ -99,6 +99,7 @@ def test_t1_and_t2_series_come_back_synthesized_to_orthanc_and_storescp(tmp_path
             j2 = job_of(node, t2[0].SeriesInstanceUID, ("done",))
             assert j1["direction"] == "t1-to-t2" and j2["direction"] == "t2-to-t1"
             assert set(j1["timings"]) >= {"waiting", "loading", "inference", "building", "sending"}
+            assert j1["deliveries"] == {"orthanc": "12/12 stored", "storescp": "12/12 stored"}
 
             series = synthetic_in_orthanc(pacs, study)
             assert sorted(s["MainDicomTags"]["SeriesInstanceUID"] for s in series) == sorted(
