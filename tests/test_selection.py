@@ -105,3 +105,21 @@ def test_enhanced_mr_facts_come_from_functional_groups() -> None:
     f = facts(ds)
     assert (f["tr"], f["te"], f["frames"], f["scanning_sequence"]) == (2300.0, 2.9, 30, ["GR"])
     assert f["iop"] == [0, 1, 0, 0, 0, -1]
+
+
+def test_our_own_synthetic_output_is_recognised(tmp_path) -> None:
+    import numpy as np
+
+    from dicom_node.build import ModelIdentity, build_synthetic_series
+    from dicom_node.config import Direction, OutputConfig
+    from dicom_node.volume import load_series
+    from dicomgen import write_series
+
+    vol = load_series(write_series(make_series(SeriesSpec(slices=10)), tmp_path / "src"))
+    out = build_synthetic_series(vol, np.zeros(vol.pixels.shape, np.uint16), direction=Direction.T1_TO_T2,
+                                 model=ModelIdentity("m", "1", "m-1"), output=OutputConfig(synthetic_data_flag=False),
+                                 node_ae_title="DICOMNODE")
+    f = [dict(facts(ds), sop_class_uid=str(ds.SOPClassUID)) for ds in out]
+    assert all(x["ours"] for x in f)
+    d = classify(f, CFG)
+    assert not d.selected and "dicomnode" in d.reason
