@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointError", "FORMAT", "checkpoint_paths", "load_checkpoint", "package_version", "save_checkpoint", "sha256_file"]
+__all__ = ["CheckpointError", "FORMAT", "checkpoint_paths", "export_checkpoint", "load_checkpoint", "package_version", "save_checkpoint", "sha256_file"]
 
 FORMAT = 1
 MODEL_STEM = "model"
@@ -131,3 +131,11 @@ def load_into(net: torch.nn.Module, state: dict[str, torch.Tensor], where: str) 
             raise CheckpointError(f"checkpoint {where}: weights do not match the architecture in its metadata "
                                   f"({k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)})")
     net.load_state_dict(state, strict=True)
+
+
+def export_checkpoint(src: str | Path, dst: str | Path, *, half: bool = True, **overrides: Any) -> tuple[Path, Path]:
+    """Copy a trained checkpoint to a shippable pair (fp16 weights by default), updating metadata keys."""
+    state, meta, _ = load_checkpoint(src)
+    meta = {k: v for k, v in meta.items() if not k.startswith("_") and k not in ("weights_sha256", "weights_dtype")}
+    meta.update(overrides)
+    return save_checkpoint(dst, state, meta, half=half)

@@ -1,0 +1,55 @@
+"""The shipped default weights load from the repository and produce the documented output."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ml.inference import WEIGHTS_DIR, default_checkpoint, load_model, synthesize
+
+from netutil import SHARED_DATA, needs_shared
+
+
+@pytest.mark.parametrize("direction", ["t1-to-t2", "t2-to-t1"])
+def test_default_weights_load_and_synthesize(direction: str) -> None:
+    path = default_checkpoint(direction)
+    assert path.parent == WEIGHTS_DIR and path.stat().st_size <= 10 * 1024 * 1024
+    model = load_model("default", direction=direction, device="cpu")
+    assert model.direction == direction and model.name.endswith(direction)
+    assert model.output_max > 0 and model.window[1] > 0 and model.identity.startswith(model.name)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["training"]["val_subjects"] and not set(meta["training"]["val_subjects"]) & set(meta["training"]["train_subjects"])
+    rng = np.random.default_rng(0)
+    data = (rng.random((37, 29, 3)) * 700).astype(np.float32)
+    out = synthesize(model, data, np.diag([0.9, 0.9, 4.0, 1.0]))
+    assert out.shape == data.shape and out.dtype == np.uint16 and int(out.max()) <= model.output_max
+
+
+def test_default_is_t1_to_t2() -> None:
+    assert load_model("default", device="cpu").direction == "t1-to-t2"
+
+
+@needs_shared
+@pytest.mark.shared
+def test_default_model_on_a_held_out_subject_beats_inversion() -> None:
+    from ml.data import head_mask, to_canonical
+    from ml.metrics import compare, unit_range
+
+    model = load_model("default", "t1-to-t2", device="cpu")
+    held_out = model.metadata["training"]["val_subjects"][0]
+    t1 = nib.load(SHARED_DATA / "mri" / held_out / "T1.nii.gz")
+    t2 = nib.load(SHARED_DATA / "mri" / held_out / "T2.nii.gz")
+    src = np.asarray(t1.get_fdata(dtype=np.float32))
+    truth = np.asarray(t2.get_fdata(dtype=np.float32))
+    syn = synthesize(model, src, t1.affine)
+    assert syn.shape == src.shape and syn.dtype == np.uint16
+    s, _ = to_canonical(src, t1.affine)
+    t, _ = to_canonical(truth, t1.affine)
+    y, _ = to_canonical(syn.astype(np.float32), t1.affine)
+    mask = head_mask(s) | head_mask(t)
+    ours = compare(y, t, mask)
+    inverted = compare(np.where(mask, 1 - unit_range(s, mask), 0), t, mask)
+    assert ours["psnr_masked"] > inverted["psnr_masked"]
