@@ -124,28 +124,37 @@ class SelectionRule:
     scanning_sequence: tuple[str, ...] = ()  # any of, e.g. ["SE"], ["GR", "IR"]
 
 
+# Names are matched between non-alphanumeric boundaries ("_" separates, as in
+# "ep2d_dwi" or "sT1W_3D_TFE"), so "REST1" or "T10" never read as T1.
+_B = r"(?<![a-z0-9])"
+_E = r"(?![a-z0-9])"
+
 DEFAULT_RULES: tuple[SelectionRule, ...] = (
     SelectionRule(
         name="exclude-non-structural",
         classify=Classification.NOT_ELIGIBLE,
         description=(
-            r"(?i)flair|dark.?fluid|\bdwi|diff|\badc|\btrace|\bswi|\bswan|t2\*|t2star|"
-            r"\bbold|fmri|\bperf|\bdsc|\bdce|\basl|\bmra\b|\btof\b|angio|\bmip\b|"
-            r"scout|localizer|localiser|survey|aahead|calibration|\bfield.?map|"
-            r"\bmap\b|\bstir\b"
+            rf"(?i){_B}(flair|dark.?fluid|dwi|dti|diff\w*|adc|trace|swi|swan|t2\*|t2.?star|bold|fmri|rest[0-9]*|task|"
+            rf"perf\w*|dsc|dce|asl|mra|tof|angio\w*|mip|scout|localizer|localiser|survey|aahead|calibration|"
+            rf"field.?map|b0|map|stir|pd){_E}"
         ),
+    ),
+    SelectionRule(
+        name="exclude-echo-planar",
+        classify=Classification.NOT_ELIGIBLE,
+        scanning_sequence=("EP",),
     ),
     SelectionRule(
         name="t2-by-name",
         classify=Classification.T2,
-        description=r"(?i)t2|tse.*t2|propeller|blade",
+        description=rf"(?i){_B}(t2(?![0-9*])|t2w|propeller|blade)",
         echo_time_ms=(50.0, 400.0),
         repetition_time_ms=(1500.0, 20000.0),
     ),
     SelectionRule(
         name="t1-by-name",
         classify=Classification.T1,
-        description=r"(?i)t1|mprage|mp-rage|mp2rage|spgr|bravo|\btfl\b|\btfe\b|flash|vibe|space.*t1",
+        description=rf"(?i){_B}(t1(?![0-9])|mp-?rage|mp2rage|spgr|bravo|tfl|tfe|flash|vibe)",
         echo_time_ms=(0.0, 30.0),
     ),
     SelectionRule(

@@ -93,6 +93,10 @@ def facts(ds: Dataset) -> dict[str, Any]:
         if not seq:
             eps = str(ds.get("EchoPulseSequence", "")).upper()
             seq = {"SPIN": ["SE"], "GRADIENT": ["GR"], "BOTH": ["SE", "GR"]}.get(eps, [])
+        epi = ds.get("EchoPlanarPulseSequence") or _first(ds, "SharedFunctionalGroupsSequence",
+                                                          "MRImagingModifierSequence", "EchoPlanarPulseSequence")
+        if str(epi or "").upper() == "YES" and "EP" not in seq:
+            seq = [*seq, "EP"]
     ours = False
     for item in ds.get("ContributingEquipmentSequence", []) or []:
         if OUR_MANUFACTURER in str(item.get("Manufacturer", "")).lower():

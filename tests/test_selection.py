@@ -47,6 +47,13 @@ def series(n: int = 20, **f: Any) -> list[dict[str, Any]]:
         (series(description="AXIAL 7", tr=30, te=5, scanning_sequence=["GR"]), None),
         # T2* is not T2
         (series(description="t2_swi_tra", tr=28, te=20, scanning_sequence=["GR"]), None),
+        # "_" separates words; letters or digits around T1/T2 do not make a T1/T2
+        (series(description="ax_t1_se", tr=500, te=10, scanning_sequence=["SE"]), "T1"),
+        (series(description="sT1W_3D_TFE", tr=8, te=3.5, scanning_sequence=["GR"]), "T1"),
+        (series(description="ep2d_dwi_b1000", tr=5000, te=90, scanning_sequence=["SE"]), None),
+        (series(description="REST1 w SMS", tr=500, te=30, scanning_sequence=["GR", "EP"]), None),
+        (series(description="PD_TSE_tra", tr=3000, te=30, scanning_sequence=["SE"]), None),
+        (series(description="t2_fl2d_tra_hemo", tr=650, te=20, scanning_sequence=["GR"]), None),
     ],
 )
 def test_default_rules(vendor_series: list[dict[str, Any]], expected: str | None) -> None:
@@ -123,3 +130,28 @@ def test_our_own_synthetic_output_is_recognised(tmp_path) -> None:
     assert all(x["ours"] for x in f)
     d = classify(f, CFG)
     assert not d.selected and "dicomnode" in d.reason
+
+
+def test_real_vendor_series_from_shared_data() -> None:
+    """Siemens classic EPI, Enhanced MR fMRI and field map, XA30 T1w tfl (neurolabusc dcm_qa, BSD-2)."""
+    from collections import defaultdict
+
+    from pydicom import dcmread
+
+    from netutil import SHARED_DATA
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent")
+    by_series: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    names: dict[str, str] = {}
+    for p in sorted((SHARED_DATA / "dicom").rglob("*")):
+        if p.is_file() and p.suffix != ".md" and p.name != "LICENSE":
+            ds = dcmread(p, defer_size=4096)
+            by_series[ds.SeriesInstanceUID].append(dict(facts(ds), sop_class_uid=str(ds.SOPClassUID)))
+            names[ds.SeriesInstanceUID] = str(ds.SeriesDescription)
+    cfg = SeriesConfig(min_slices=1)
+    got = {names[uid]: classify(insts, cfg).classification.value for uid, insts in by_series.items()}
+    assert got["anat-T1w_acq-tfl"] == "T1"
+    assert got["REST1 w SMS PF7-8"] == "not_eligible"  # Enhanced MR echo-planar fMRI
+    assert got["B0 NS"] == "not_eligible"  # field map
+    assert got["ax_asc_35sl"] == "not_eligible"  # classic EPI
