@@ -17,7 +17,7 @@ from pydicom import dcmread
 from pydicom.uid import RLELossless, generate_uid
 
 from dicomgen import SeriesSpec, make_series, write_series
-from netutil import DcmtkStoreSCP, PynetdicomStoreSCP, needs_dcmtk, needs_orthanc, storescu
+from netutil import DcmtkStoreSCP, PynetdicomStoreSCP, needs_dcmtk, needs_orthanc, needs_shared, storescu
 from nodeproc import NodeProcess
 from orthanc import OrthancServer
 
@@ -251,4 +251,34 @@ def test_a_separate_worker_process_takes_jobs_from_the_shared_ledger(tmp_path: P
         finally:
             worker.send_signal(signal.SIGTERM)
             assert worker.wait(60) == 0
+            node.stop()
+
+
+@needs_shared
+def test_real_enhanced_mr_t1_from_a_siemens_xa30_comes_back_as_classic_mr(tmp_path: Path) -> None:
+    """Siemens XA30 Prisma Fit T1w tfl, Enhanced MR Image Storage, 96 frames (neurolabusc dcm_qa_xa30, BSD-2)."""
+    from netutil import SHARED_DATA
+
+    src_file = sorted((SHARED_DATA / "dicom" / "dcm_qa_xa30").glob("5_*.dcm"))[0]
+    src = dcmread(src_file)
+    with OrthancServer(tmp_path / "orthanc") as pacs:
+        node = start_node(tmp_path / "node", [dest(pacs, "orthanc")])
+        try:
+            res = storescu(node.port, [src_file])
+            assert res.returncode == 0, res.stderr
+            job = job_of(node, src.SeriesInstanceUID, ("done", "failed"))
+            assert job["state"] == "done", job["error"]
+            out = read_back(pacs, job["output_series_uid"])
+            assert len(out) == int(src.NumberOfFrames) == 96
+            assert {d.SOPClassUID for d in out} == {"1.2.840.10008.5.1.4.1.1.4"}  # classic MR Image Storage
+            assert {d.StudyInstanceUID for d in out} == {src.StudyInstanceUID}
+            frames = sorted(int(d.SourceImageSequence[0].ReferencedFrameNumber) for d in out)
+            assert frames == list(range(1, 97))
+            assert {d.SourceImageSequence[0].ReferencedSOPInstanceUID for d in out} == {src.SOPInstanceUID}
+            pf = src.PerFrameFunctionalGroupsSequence
+            for d in out:
+                f = pf[int(d.SourceImageSequence[0].ReferencedFrameNumber) - 1]
+                assert np.allclose([float(v) for v in d.ImagePositionPatient],
+                                   [float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient], atol=1e-3)
+        finally:
             node.stop()
