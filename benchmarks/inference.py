@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import platform
 import re
 import subprocess
@@ -115,6 +116,7 @@ def main() -> None:
     args = ap.parse_args()
     dev = args.device
     threads = torch.get_num_threads()
+    load = os.getloadavg()[0]
     sizes = [(256, 256, 48), (320, 320, 48)]
     if dev.startswith("cuda"):
         sizes.append((256, 256, 176))
@@ -124,14 +126,15 @@ def main() -> None:
     hw = machine() if dev == "cpu" else torch.cuda.get_device_name(0)
     lines = [f"Default model `ml/weights/unet-t1-to-t2` (U-Net, {load_model('default', 't1-to-t2', device=dev).metadata['network']}),",
              f"full `ml.inference.synthesize` path (reorientation, mask, normalization, network, uint16 output), best of 3.",
-             "", f"Machine: {hw}; device {dev}; torch {torch.__version__}, {threads} threads; {when}.", "",
+             "", f"Machine: {hw}; device {dev}; torch {torch.__version__}, {threads} threads; {when}; "
+             f"1-min load average {load:.1f} at start (the 2 cores are shared with other work, so these are conservative).", "",
              "| volume (i x j x slices) | seconds | slices/s |", "|---|---|---|"]
     for r in inf:
         s = r["shape"]
         lines.append(f"| {s[0]}x{s[1]}x{s[2]} | {r['seconds']:.2f} | {r['slices_per_s']:.1f} |")
     lines.append("")
     lines.append("Target: a 48-slice 320x320 series in <= 10 s on 2 CPU cores.")
-    tlines = [f"Machine: {hw}; device {dev}; {threads} threads; {when}.", "",
+    tlines = [f"Machine: {hw}; device {dev}; {threads} threads; {when}; load average {load:.1f} at start.", "",
               f"U-Net forward + backward + Adam step, batch {tr['batch']}, {tr['crop']}x{tr['crop']} crops: "
               f"**{tr['slices_per_s']:.1f} slices/s**.",
               "Measured while nothing else ran in this process; the shipped trainings (sharing 2 cores with other work) "
