@@ -319,7 +319,7 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, ra
     meta["output_max"] = int(round(meta["output_scale"]))
     meta["window"] = [meta["output_max"] / 2.0, float(meta["output_max"])]
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    epoch = start_epoch
+    completed = start_epoch  # epochs whose state is saved
     with _progress(rank == 0) as prog:
         task = prog.add_task("train", total=(cfg.epochs - start_epoch) * steps, info="")
         try:
@@ -362,6 +362,7 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, ra
                     _write_resume(cfg, {"model": "unet", "direction": cfg.direction, "network": opts.to_dict(),
                                         "net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                                         "history": history, "epoch": epoch + 1})
+                    completed = epoch + 1
                     _log_epoch(record)
                     if on_epoch:
                         on_epoch(epoch + 1, record)
@@ -371,8 +372,9 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, ra
             if rank == 0:
                 _write_resume(cfg, {"model": "unet", "direction": cfg.direction, "network": opts.to_dict(),
                                     "net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                    "history": history, "epoch": epoch})
-                log.warning("interrupted: state saved in %s; rerun with --resume to continue epoch %d", cfg.out, epoch + 1)
+                                    "history": history,
+                                    "epoch": completed})
+                log.warning("interrupted: state saved in %s; rerun with --resume to continue at epoch %d", cfg.out, completed + 1)
             raise
     return Path(cfg.out)
 
@@ -505,7 +507,7 @@ def _train_cyclegan(cfg: TrainConfig, opts: NetworkOptions, device: torch.device
                 "d": {k: v.state_dict() for k, v in d.items()}, "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                 "sch_g": sch_g.state_dict(), "sch_d": sch_d.state_dict(), "history": history, "epoch": epoch}
 
-    epoch = start_epoch
+    completed = start_epoch
     with _progress(True) as prog:
         task = prog.add_task("cyclegan", total=(cfg.epochs - start_epoch) * steps, info="")
         try:
@@ -569,11 +571,12 @@ def _train_cyclegan(cfg: TrainConfig, opts: NetworkOptions, device: torch.device
                 weights = {f"g_{k.replace('-', '_')}.{n}": t for k, m in g.items() for n, t in m.state_dict().items()}
                 save_checkpoint(Path(cfg.out), weights, meta)
                 _write_resume(cfg, snapshot(epoch + 1))
+                completed = epoch + 1
                 _log_epoch(record)
                 if on_epoch:
                     on_epoch(epoch + 1, record)
         except KeyboardInterrupt:
-            _write_resume(cfg, snapshot(epoch))
-            log.warning("interrupted: state saved in %s; rerun with --resume to continue epoch %d", cfg.out, epoch + 1)
+            _write_resume(cfg, snapshot(completed))
+            log.warning("interrupted: state saved in %s; rerun with --resume to continue at epoch %d", cfg.out, completed + 1)
             raise
     return Path(cfg.out)

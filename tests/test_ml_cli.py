@@ -146,3 +146,24 @@ def test_ddp_gloo_two_processes(paired: Path, tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr[-3000:]
     meta = json.loads((ck / "model.json").read_text())
     assert meta["training"]["world_size"] == 2 and meta["epochs_completed"] == 2
+
+
+def test_interrupted_training_resumes(paired: Path, tmp_path: Path) -> None:
+    """Ctrl-C (KeyboardInterrupt) saves a resume state; --resume finishes the run without redoing epochs."""
+    from ml.train import TrainConfig, train
+
+    cfg = TrainConfig(data=paired, out=tmp_path / "ck", val_subjects=("sub2",), epochs=3, batch_size=2, crop=32,
+                      steps_per_epoch=2, device="cpu", network={"base_width": 4, "depth": 2})
+
+    def stop(epoch: int, record: dict) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_epoch=stop)
+    assert (tmp_path / "ck" / "resume.pt").is_file()
+    cfg.resume = True
+    train(cfg)
+    meta = json.loads((tmp_path / "ck" / "model.json").read_text())
+    assert meta["epochs_completed"] == 3
+    assert [h["epoch"] for h in meta["validation"]["history"]] == [1, 2, 3]
