@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from skimage.exposure import match_histograms
 
-from .data import DataError, discover_paired, head_mask, load_volume, to_canonical
+from .data import DataError, _find_contrast, discover_paired, head_mask, load_volume, to_canonical
 from .inference import LoadedModel, synthesize
 from .metrics import NORMALIZATION_TEXT, compare, unit_range
 
@@ -71,8 +71,6 @@ def evaluate(model: LoadedModel, data: str | Path, *, subjects: Sequence[str] | 
     for folder in folders:
         if progress:
             progress(folder.name)
-        from .data import _find_contrast  # local: the paired-layout lookup
-
         vs, vt = load_volume(_find_contrast(folder, src_c)), load_volume(_find_contrast(folder, tgt_c))  # type: ignore[arg-type]
         if vs.data.shape != vt.data.shape:
             raise DataError(f"{folder}: {src_c} and {tgt_c} have different shapes")
