@@ -188,6 +188,7 @@ def build_synthetic_series(
     node_ae_title: str,
     window: tuple[float, float] | None = None,
     software_version: str = dicom_node.__version__,
+    burned_in: bool = False,
 ) -> list[Dataset]:
     """One Classic MR dataset (with file meta) per source slice, in ``source.slices`` order."""
     if pixels.shape != source.pixels.shape:
@@ -298,7 +299,8 @@ def build_synthetic_series(
         ds.InstanceNumber = k + 1
         ds.ContentDate = date
         ds.ContentTime = time
-        ds.BurnedInAnnotation = "NO"  # the warning is in attributes, nothing drawn into the pixels
+        # burned_in: a "SYNTHETIC" label was drawn into the pixels (dicom_node.label)
+        ds.BurnedInAnnotation = "YES" if burned_in else "NO"
         ds.ImageComments = comments
         if output.synthetic_data_flag:
             ds.SyntheticData = "YES"

@@ -205,6 +205,7 @@ class OutputConfig:
     series_number_offset: int = 1000
     series_description: str = "SYNTHETIC {target} (AI) from {source}"
     synthetic_data_flag: bool = True
+    burn_in_label: bool = True  # draw "SYNTHETIC <contrast>" into the pixels (BurnedInAnnotation YES)
     uid_root: str | None = None  # None = highdicom's root; else your organisation's
     institution_name: str | None = None
 

@@ -159,11 +159,15 @@ class Worker:
         self._stage(timings, "inference", t0)
 
         t0 = time.monotonic()
+        if self.cfg.output.burn_in_label:
+            from dicom_node.label import burn_in_label
+
+            pixels = burn_in_label(pixels, f"SYNTHETIC {direction.target.value}")
         datasets = build_synthetic_series(
             vol, pixels, direction=direction,
             model=ModelIdentity(name=model.name, version=model.version, identity=model.identity),
             output=self.cfg.output, node_ae_title=self.cfg.node.ae_title, window=model.window,
-            software_version=__version__,
+            software_version=__version__, burned_in=self.cfg.output.burn_in_label,
         )
         out_dir = self.output_root / f"job-{job.id}"
         for old in out_dir.glob("*.dcm") if out_dir.is_dir() else []:

@@ -84,6 +84,7 @@ def assert_synthetic_matches_source(out: list, src: list, target: str) -> None:
         assert o.SyntheticData == "YES" and o.SeriesDescription.startswith(f"SYNTHETIC {target} (AI)")
         assert o.SourceImageSequence[0].ReferencedSOPInstanceUID == s.SOPInstanceUID
         assert o.pixel_array.shape == s.pixel_array.shape and o.pixel_array.max() > 0
+        assert o.BurnedInAnnotation == "YES"  # "SYNTHETIC T2" drawn into the image
 
 
 def test_t1_and_t2_series_come_back_synthesized_to_orthanc_and_storescp(tmp_path: Path) -> None:
