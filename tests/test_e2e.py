@@ -119,6 +119,8 @@ def test_t1_and_t2_series_come_back_synthesized_to_orthanc_and_storescp(tmp_path
             node.wait_for(lambda s: any(x["series_uid"] == j1["output_series_uid"] and x["state"] == "not_selected"
                                         for x in s["series"]), what="own output not selected")
             assert len([j for j in node.status()["jobs"]]) == 2
+            log = node.log()
+            assert "Phantom" not in log and "PHANTOM-001" not in log and "19700101" not in log
         finally:
             node.stop()
 
