@@ -380,8 +380,9 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, ra
 
 
 def _log_epoch(record: dict[str, Any]) -> None:
-    parts = [f"epoch {record['epoch']}", f"train L1 {record.get('train_l1', float('nan')):.4f}",
-             f"{record['train_slices_per_s']:.1f} slices/s"]
+    losses = (f"train L1 {record['train_l1']:.4f}" if "train_l1" in record
+              else f"loss G {record.get('loss_g', float('nan')):.3f} D {record.get('loss_d', float('nan')):.3f}")
+    parts = [f"epoch {record['epoch']}", losses, f"{record['train_slices_per_s']:.1f} slices/s"]
     for direction, v in (record.get("validation") or {}).items():
         m = v["mean"]
         parts.append(f"{direction} val PSNR {m['psnr_masked']:.2f} dB SSIM {m['ssim_masked']:.3f} (masked)")
