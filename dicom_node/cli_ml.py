@@ -11,9 +11,12 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
+
+if TYPE_CHECKING:
+    from dicom_node.config import ModelConfig
 
 __all__ = ["COMMANDS", "MLUsageError"]
 
@@ -39,35 +42,29 @@ def _setup_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _model_config(config: Path) -> ModelConfig:
+    """``[model]`` of the node configuration; a bad file is one line on stderr and exit code 2."""
+    from dicom_node.config import ConfigError, load_config
+
+    try:
+        return load_config(config).model
+    except ConfigError as exc:
+        click.echo(str(exc).replace("\n", " "), err=True)
+        sys.exit(2)
+
+
 def _config_device(config: Path | None, device: str | None) -> str:
     """--device, else ``model.device`` from --config, else ``auto``."""
     if device:
         return device
-    if config is None:
-        return "auto"
-    from dicom_node.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(config)
-    except ConfigError as exc:
-        click.echo(str(exc).replace("\n", " "), err=True)
-        sys.exit(2)
-    return str(cfg.model.device)
+    return "auto" if config is None else str(_model_config(config).device)
 
 
 def _config_checkpoint(config: Path | None, checkpoint: str | None) -> str:
+    """--checkpoint, else ``model.checkpoint`` from --config, else ``default``."""
     if checkpoint:
         return checkpoint
-    if config is None:
-        return "default"
-    from dicom_node.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(config)
-    except ConfigError as exc:
-        click.echo(str(exc).replace("\n", " "), err=True)
-        sys.exit(2)
-    return str(cfg.model.checkpoint)
+    return "default" if config is None else str(_model_config(config).checkpoint)
 
 
 def _load(checkpoint: str, direction: str | None, device: str) -> Any:
