@@ -89,7 +89,8 @@ def assert_synthetic_matches_source(out: list, src: list, target: str) -> None:
 
 def test_t1_and_t2_series_come_back_synthesized_to_orthanc_and_storescp(tmp_path: Path) -> None:
     with OrthancServer(tmp_path / "orthanc") as pacs, DcmtkStoreSCP(tmp_path / "storescp") as scp:
-        node = start_node(tmp_path / "node", [dest(pacs, "orthanc"), dest(scp, "storescp")])
+        # the second destination asks for synthetic T2 only (a per-destination direction filter)
+        node = start_node(tmp_path / "node", [dest(pacs, "orthanc"), {**dest(scp, "storescp"), "directions": ["t1-to-t2"]}])
         try:
             study = generate_uid()
             t1 = make_series(SeriesSpec(weighting="T1", slices=12, study_uid=study, series_number=3))
@@ -101,6 +102,7 @@ def test_t1_and_t2_series_come_back_synthesized_to_orthanc_and_storescp(tmp_path
             assert j1["direction"] == "t1-to-t2" and j2["direction"] == "t2-to-t1"
             assert set(j1["timings"]) >= {"waiting", "loading", "inference", "building", "sending"}
             assert j1["deliveries"] == {"orthanc": "12/12 stored", "storescp": "12/12 stored"}
+            assert j2["deliveries"] == {"orthanc": "12/12 stored"}
 
             series = synthetic_in_orthanc(pacs, study)
             assert sorted(s["MainDicomTags"]["SeriesInstanceUID"] for s in series) == sorted(
@@ -110,10 +112,10 @@ def test_t1_and_t2_series_come_back_synthesized_to_orthanc_and_storescp(tmp_path
             assert {int(d.SeriesNumber) for d in out_t2} == {1003}
             out_t1 = read_back(pacs, j2["output_series_uid"])
             assert_synthetic_matches_source(out_t1, t2, "T1")
-            # the second destination got both series too
+            # the second destination got the synthetic T2 series and nothing else
             got = [dcmread(p, stop_before_pixels=True) for p in (tmp_path / "storescp").iterdir()]
-            assert sorted({d.SeriesInstanceUID for d in got}) == sorted([j1["output_series_uid"], j2["output_series_uid"]])
-            assert len(got) == 24
+            assert {d.SeriesInstanceUID for d in got} == {j1["output_series_uid"]}
+            assert len(got) == 12
             # our own output routed back to us is stored but never processed
             send(node, out_t2, tmp_path / "loop")
             node.wait_for(lambda s: any(x["series_uid"] == j1["output_series_uid"] and x["state"] == "not_selected"
