@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Sequence
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import and_, bindparam, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -98,12 +98,28 @@ class ClaimedJob:
     timings: dict[str, float]
 
 
+class _HotStatements:
+    """The per-instance statements, built once (building a statement costs more than running it)."""
+
+    def __init__(self) -> None:
+        S, I = Series.__table__, Instance.__table__
+        self.series_by_uid = select(S.c.id, S.c.state, S.c.generation).where(S.c.series_uid == bindparam("b_uid"))
+        self.instance_by_uid = select(I.c.id).where(I.c.sop_instance_uid == bindparam("b_sop"))
+        self.insert_instance = I.insert()
+        self.count_instance = (
+            S.update()
+            .where(S.c.id == bindparam("b_sid"))
+            .values(instances=S.c.instances + 1, last_received_at=bindparam("b_now"), release_seen_at=None)
+        )
+
+
 class Ledger:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
         self.schema_version = migrate(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self._hot = _HotStatements()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -124,10 +140,10 @@ class Ledger:
         raise AssertionError("unreachable")
 
     def _record_instance(self, rec: InstanceRecord, now: datetime) -> RecordOutcome:
-        # Hot path (one call per received instance): Core statements, one transaction.
-        S, I = Series.__table__, Instance.__table__
+        # Hot path (one call per received instance): statements built once, one transaction.
+        S, I, hot = Series.__table__, Instance.__table__, self._hot
         with self.engine.begin() as c:
-            row = c.execute(select(S.c.id, S.c.state, S.c.generation).where(S.c.series_uid == rec.series_uid)).first()
+            row = c.execute(hot.series_by_uid, {"b_uid": rec.series_uid}).first()
             if row is None:
                 sid = c.execute(S.insert().values(
                     study_uid=rec.study_uid, series_uid=rec.series_uid, state=SeriesState.RECEIVING.value,
@@ -138,7 +154,7 @@ class Ledger:
                 state, generation = SeriesState.RECEIVING.value, 1
             else:
                 sid, state, generation = row
-            existing = c.execute(select(I.c.id).where(I.c.sop_instance_uid == rec.sop_instance_uid)).first()
+            existing = c.execute(hot.instance_by_uid, {"b_sop": rec.sop_instance_uid}).first()
             if existing is not None:
                 # resend: the file was replaced in place; refresh the row, no new instance
                 c.execute(I.update().where(I.c.id == existing[0]).values(
@@ -146,26 +162,28 @@ class Ledger:
                 if state == SeriesState.RECEIVING.value:
                     c.execute(S.update().where(S.c.id == sid).values(last_received_at=now))
                 return RecordOutcome(sid, duplicate=True, reopened=False, generation=generation)
-            c.execute(I.insert().values(
-                sop_instance_uid=rec.sop_instance_uid, series_id=sid, sop_class_uid=rec.sop_class_uid,
-                transfer_syntax=rec.transfer_syntax, path=rec.path, size_bytes=rec.size_bytes,
-                calling_aet=rec.calling_aet, received_at=now, attrs=rec.attrs,
-            ))
-            values: dict[str, Any] = dict(instances=S.c.instances + 1, last_received_at=now, release_seen_at=None)
-            reopened = state != SeriesState.RECEIVING.value
-            if reopened:
-                generation += 1
-                values.update(state=SeriesState.RECEIVING.value, generation=generation, completed_at=None,
-                              classification=None, reason=None)
-                # a job not yet started is covered by the job of the grown series
-                c.execute(
-                    update(Job)
-                    .where(Job.series_id == sid, Job.state == JobState.QUEUED.value)
-                    .values(state=JobState.SUPERSEDED.value, error="series grew before the job started",
-                            finished_at=now)
-                )
+            c.execute(hot.insert_instance, {
+                "sop_instance_uid": rec.sop_instance_uid, "series_id": sid, "sop_class_uid": rec.sop_class_uid,
+                "transfer_syntax": rec.transfer_syntax, "path": rec.path, "size_bytes": rec.size_bytes,
+                "calling_aet": rec.calling_aet, "received_at": now, "attrs": rec.attrs,
+            })
+            if state == SeriesState.RECEIVING.value:
+                c.execute(hot.count_instance, {"b_sid": sid, "b_now": now})
+                return RecordOutcome(sid, duplicate=False, reopened=False, generation=generation)
+            # an instance for a series already handed on: reopen it as a new generation
+            generation += 1
+            values: dict[str, Any] = dict(instances=S.c.instances + 1, last_received_at=now, release_seen_at=None,
+                                          state=SeriesState.RECEIVING.value, generation=generation,
+                                          completed_at=None, classification=None, reason=None)
+            # a job not yet started is covered by the job of the grown series
+            c.execute(
+                update(Job)
+                .where(Job.series_id == sid, Job.state == JobState.QUEUED.value)
+                .values(state=JobState.SUPERSEDED.value, error="series grew before the job started",
+                        finished_at=now)
+            )
             c.execute(S.update().where(S.c.id == sid).values(**values))
-            return RecordOutcome(sid, duplicate=False, reopened=reopened, generation=generation)
+            return RecordOutcome(sid, duplicate=False, reopened=True, generation=generation)
 
     def record_rejection(
         self,
