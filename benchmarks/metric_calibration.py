@@ -28,12 +28,11 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ml.data import load_subject  # noqa: E402
+from ml.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from ml.data import DataError, load_subject  # noqa: E402
+from ml.inference import default_checkpoint  # noqa: E402
 from ml.metrics import compare  # noqa: E402
 
-VAL = ["openms_long_patient03_study2", "openms_mni_patient19"]
-TRAIN = ["aurora_met", "brats_gli_00001", "openms_long_patient01_study1", "openms_long_patient01_study2",
-         "openms_mni_patient07", "vrd_stroke"]
 BINS = np.linspace(0.0, 1.5, 301)
 
 
@@ -58,12 +57,19 @@ def main() -> int:
     ap.add_argument("--direction", choices=["t1-to-t2", "t2-to-t1"], default="t1-to-t2")
     args = ap.parse_args()
     src, tgt = ("T1", "T2") if args.direction == "t1-to-t2" else ("T2", "T1")
-    lut = fit_lookup([load_subject(args.data / n) for n in TRAIN], src, tgt)
+    try:
+        # the split of the shipped model, so the figures sit beside its model card
+        training = load_checkpoint(default_checkpoint(args.direction))[1]["training"]
+        lut = fit_lookup([load_subject(args.data / n) for n in training["train_subjects"]], src, tgt)
+        held_out = [load_subject(args.data / n) for n in training["val_subjects"]]
+    except (CheckpointError, DataError, KeyError, OSError) as exc:
+        print(f"metric_calibration: {exc}", file=sys.stderr)
+        return 2
     print(f"# {args.direction}; masked PSNR (dB) / masked SSIM / whole PSNR (dB), normalization of ml.metrics")
     print("| subject | reference | PSNR masked | SSIM masked | PSNR whole |")
     print("|---|---|---|---|---|")
-    for name in VAL:
-        s = load_subject(args.data / name)
+    for s in held_out:
+        name = s.name
         truth = s.image(tgt)
         idx = np.digitize(np.clip(s.image(src), BINS[0], BINS[-1] - 1e-6), BINS) - 1
         cases = {
