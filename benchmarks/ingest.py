@@ -12,12 +12,17 @@ pynetdicom's app leaves Nagle's algorithm on (it has no option for it).
 ``dicomnode serve`` and reports the peak resident memory (VmHWM) of the serve
 process.
 
-Usage: python benchmarks/ingest.py [--rounds 3] [--memory] [--markdown]
+``--stages`` also sends the series once more to a ``dicomnode serve`` whose
+C-STORE handler stages are timed (``stage_timer.py``) and prints where each
+instance's time goes.
+
+Usage: python benchmarks/ingest.py [--rounds 3] [--memory] [--stages]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -80,6 +85,9 @@ class Peer:
         if self.name == "dicomnode":
             cmd = [sys.executable, "-m", "dicom_node.cli", "--log-level", "WARNING", "serve", "--config",
                    str(node_config(self.work, self.port))]
+        elif self.name == "dicomnode, stages timed":
+            cmd = [sys.executable, str(REPO / "benchmarks" / "stage_timer.py"), str(self.work / "stages.json"), "--",
+                   "--log-level", "WARNING", "serve", "--config", str(node_config(self.work, self.port))]
         elif self.name == "dcmtk storescp":
             cmd = ["storescp", "--aetitle", "DICOMNODE", "--output-directory", str(out), str(self.port)]
         else:
@@ -87,7 +95,7 @@ class Peer:
                    "--output-directory", str(out)]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.work)
         wait_for_port(self.port, proc=self.proc, timeout=60)
-        time.sleep(0.5 if self.name != "dicomnode" else 1.0)  # let a raw TCP probe's association time out cleanly
+        time.sleep(1.0 if self.name.startswith("dicomnode") else 0.5)  # let a raw TCP probe's association time out cleanly
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -152,6 +160,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--instances", type=int, default=500)
     ap.add_argument("--memory", action="store_true", help="also measure serve's peak memory on a ~1 GB series")
+    ap.add_argument("--stages", action="store_true", help="also time each stage of dicomnode's C-STORE handler")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "dicomnode-bench")
     args = ap.parse_args()
     if shutil.which("storescu") is None:
@@ -185,6 +194,18 @@ def main() -> int:
     floor = fsync_floor_ms(work / "fsync_floor", nbytes // len(files))
     print(f"\ndurability floor on this disk: {floor:.2f} ms per instance (write, fsync, rename, folder fsync) "
           f"= at most {1000 / floor:.0f} instances/s over one association, before any DICOM work")
+    if args.stages:
+        peer = Peer("dicomnode, stages timed", work / "dicomnode_stages")
+        peer.start()
+        try:
+            dt = send(peer.port, work / "series500")
+        finally:
+            peer.stop()
+        stages = json.loads((peer.work / "stages.json").read_text())
+        print(f"\ndicomnode with its stages timed: {len(files) / dt:.0f} inst/s; per instance, in ms:")
+        print("| stage | median | mean |\n|---|---|---|")
+        for stage, ms in stages.items():
+            print(f"| {stage} | {statistics.median(ms):.2f} | {statistics.mean(ms):.2f} |")
     if args.memory:
         big, big_bytes = generate(work / "series1g", 2000, 512)
         peer = Peer("dicomnode", work / "dicomnode_mem")

@@ -10,11 +10,16 @@ import enum
 import logging
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID
+from pydicom.values import convert_UI
 
 from dicom_node import selection
 from storage.ledger import InstanceRecord, Ledger
@@ -41,6 +46,7 @@ class StoreResult:
     reason: str = ""
     series_uid: str | None = None
     duplicate: bool = False
+    size_bytes: int = 0  # of the stored file
 
 
 class Malformed(ValueError):
@@ -49,22 +55,59 @@ class Malformed(ValueError):
         self.status = status
 
 
+@lru_cache(maxsize=256)
 def _requires_pixels(sop_class_uid: str) -> bool:
     return "Image Storage" in UID(sop_class_uid).name
 
 
-def read_header(path: Path) -> Dataset:
-    """Parse every element of a received file, deferring large values (pixel data)."""
+_META_START = 132  # 128-byte preamble + b"DICM"
+
+
+def read_header(path: Path, transfer_syntax: UID) -> Dataset:
+    """Parse every element of a received file, deferring large values (pixel data).
+
+    pynetdicom wrote the file meta itself, from the negotiated *transfer_syntax*,
+    so the data set is read straight after it: parsing the meta again would cost
+    as much as every check below together.  A deflated data set goes through
+    ``dcmread``, which inflates it.
+    """
     try:
-        return dcmread(path, defer_size=4096)
+        if transfer_syntax.is_deflated:
+            return dcmread(path, defer_size=4096)
+        with open(path, "rb") as fp:
+            fp.seek(_META_START)
+            head = fp.read(12)  # (0002,0000) UL 4: the meta group's length
+            if len(head) < 12 or head[:8] != b"\x02\x00\x00\x00UL\x04\x00":
+                raise ValueError("no file meta group length")
+            fp.seek(_META_START + 12 + int.from_bytes(head[8:], "little"))
+            implicit, little = transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
+            ds = read_dataset(fp, implicit, little, defer_size=4096)
+        # a FileDataset knows its file: deferred values (pixel data, large sequences such
+        # as Enhanced MR functional groups) are read from it when asked for
+        return FileDataset(str(path), ds, is_implicit_VR=implicit, is_little_endian=little)
     except Exception as exc:  # any parse failure means a malformed instance
         raise Malformed(f"cannot parse dataset: {type(exc).__name__}: {exc}") from None
 
 
-def validate(ds: Dataset, path: Path, sop_class_uid: str, sop_instance_uid: str) -> tuple[str, str]:
-    """Check an instance before it is accepted; returns (study_uid, series_uid)."""
-    ds_class = str(ds.get("SOPClassUID", ""))
-    ds_inst = str(ds.get("SOPInstanceUID", ""))
+def _uid(ds: Dataset, tag: int) -> str:
+    """A UID element's value ("" if absent), converted straight from its encoded bytes."""
+    elem = ds.get_item(tag)
+    if elem is None:
+        return ""
+    if isinstance(elem, RawDataElement):  # not yet decoded: skip pydicom's general element conversion
+        return str(convert_UI(elem.value, elem.is_little_endian)) if elem.value else ""
+    return str(elem.value or "")
+
+
+def validate(ds: Dataset, size: int, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: UID,
+             f: dict[str, Any]) -> tuple[str, str]:
+    """Check an instance before it is accepted; returns (study_uid, series_uid).
+
+    *size* is the received file's size; *f* holds the instance's selection
+    facts (rows, columns, frames, samples, bits).
+    """
+    ds_class = _uid(ds, 0x00080016)  # SOP Class UID
+    ds_inst = _uid(ds, 0x00080018)  # SOP Instance UID
     if ds_class and ds_class != sop_class_uid:
         raise Malformed(
             f"SOPClassUID {ds_class} in the data set differs from the request's {sop_class_uid}",
@@ -72,8 +115,8 @@ def validate(ds: Dataset, path: Path, sop_class_uid: str, sop_instance_uid: str)
         )
     if ds_inst != sop_instance_uid:
         raise Malformed(f"SOPInstanceUID in the data set ({ds_inst or 'missing'}) differs from the request's")
-    study = str(ds.get("StudyInstanceUID", ""))
-    series = str(ds.get("SeriesInstanceUID", ""))
+    study = _uid(ds, 0x0020000D)  # Study Instance UID
+    series = _uid(ds, 0x0020000E)  # Series Instance UID
     for name, uid in (("SOPInstanceUID", ds_inst), ("StudyInstanceUID", study), ("SeriesInstanceUID", series)):
         if not valid_uid(uid):
             raise Malformed(f"invalid {name} {uid[:80]!r}" if uid else f"missing {name}")
@@ -87,20 +130,24 @@ def validate(ds: Dataset, path: Path, sop_class_uid: str, sop_instance_uid: str)
         if length is None and elem.value is not None:
             length, tell = len(elem.value), 0
         if length is not None and length != _UNDEFINED and tell is not None:
-            deflated = ds.file_meta.TransferSyntaxUID.is_deflated  # offsets are in the inflated stream
-            if not deflated and tell + length > path.stat().st_size:
-                raise Malformed(f"truncated: pixel data needs {length} bytes, file ends {path.stat().st_size - tell} bytes after its start")
-            if elem.tag == 0x7FE00010 and not ds.file_meta.TransferSyntaxUID.is_compressed:
-                try:
-                    expected = (
-                        int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
-                        * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated)
-                    ) // 8
-                except (AttributeError, TypeError, ValueError):
-                    raise Malformed("image pixel description (Rows, Columns, BitsAllocated) missing or invalid") from None
+            if not transfer_syntax.is_deflated and tell + length > size:  # deflated: offsets are in the inflated stream
+                raise Malformed(f"truncated: pixel data needs {length} bytes, file ends {size - tell} bytes after its start")
+            if elem.tag == 0x7FE00010 and not transfer_syntax.is_compressed:
+                dims = (f.get("rows"), f.get("cols"), f.get("samples"), f.get("frames"), f.get("bits"))
+                if not all(isinstance(d, int) and d > 0 for d in dims):
+                    raise Malformed("image pixel description (Rows, Columns, BitsAllocated) missing or invalid")
+                rows, cols, samples, frames, bits = dims
+                expected = rows * cols * samples * frames * bits // 8
                 if length < expected:
                     raise Malformed(f"truncated: pixel data has {length} bytes, {expected} expected")
     return study, series
+
+
+def header_facts(ds: Dataset) -> dict[str, Any]:
+    try:
+        return selection.facts(ds)
+    except Exception as exc:  # a value pydicom cannot convert
+        raise Malformed(f"unreadable header value: {type(exc).__name__}: {exc}") from None
 
 
 class Intake:
@@ -112,11 +159,14 @@ class Intake:
               transfer_syntax: str) -> StoreResult:
         """Accept the received file *tmp* (in the spool's incoming folder) or say why not."""
         try:
-            ds = read_header(tmp)
-            study, series = validate(ds, tmp, sop_class_uid, sop_instance_uid)
-            f = selection.facts(ds)
+            self.spool.start_writeback(tmp)  # the disk writes while the header is checked
+            ts = UID(transfer_syntax)
+            size = tmp.stat().st_size
+            ds = read_header(tmp, ts)
+            f = header_facts(ds)
+            study, series = validate(ds, size, sop_class_uid, sop_instance_uid, ts, f)
             del ds
-            spooled = self.spool.commit(tmp, study, series, sop_instance_uid)
+            spooled = self.spool.commit(tmp, study, series, sop_instance_uid, size)
             outcome = self.ledger.record_instance(
                 InstanceRecord(
                     sop_instance_uid=sop_instance_uid,
@@ -143,7 +193,7 @@ class Intake:
                                 sop_class_uid, sop_instance_uid, tmp)
         if outcome.reopened:
             log.info("series %s reopened by a late instance (generation %d)", series, outcome.generation)
-        return StoreResult(StoreStatus.SUCCESS, series_uid=series, duplicate=outcome.duplicate)
+        return StoreResult(StoreStatus.SUCCESS, series_uid=series, duplicate=outcome.duplicate, size_bytes=spooled.size)
 
     def _reject(self, status: StoreStatus, reason: str, calling_aet: str, sop_class_uid: str,
                 sop_instance_uid: str, tmp: Path) -> StoreResult:

@@ -135,20 +135,15 @@ class AssociationTracker:
 def make_store_handler(intake: Intake, tracker: AssociationTracker) -> Callable[[evt.Event], int]:
     def handle_store(event: evt.Event) -> int:
         req = event.request
-        tmp = Path(event.dataset_path)
-        try:
-            nbytes = tmp.stat().st_size
-        except OSError:
-            nbytes = 0
         result = intake.store(
-            tmp,
+            Path(event.dataset_path),
             calling_aet=event.assoc.requestor.ae_title,
             sop_class_uid=str(req.AffectedSOPClassUID),
             sop_instance_uid=str(req.AffectedSOPInstanceUID),
             transfer_syntax=str(event.context.transfer_syntax),
         )
         ok = result.status is StoreStatus.SUCCESS
-        tracker.stored(event, result.series_uid, ok, result.duplicate, nbytes)
+        tracker.stored(event, result.series_uid, ok, result.duplicate, result.size_bytes)
         return int(result.status)
 
     return handle_store

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
@@ -66,9 +68,55 @@ def _first(ds: Dataset, *path: str) -> Any:
     return cur.get(path[-1])
 
 
+#: top-level elements that :func:`_facts` reads from a classic (single-frame) data set
+_FACT_TAGS = tuple(
+    tag_for_keyword(k)
+    for k in (
+        "SpecificCharacterSet", "ImageType", "Modality", "SeriesDescription", "ContributingEquipmentSequence",
+        "ScanningSequence", "RepetitionTime", "EchoTime", "InversionTime", "ProtocolName",
+        "ImageOrientationPatient", "SamplesPerPixel", "NumberOfFrames", "Rows", "Columns", "PixelSpacing",
+        "BitsAllocated", "EchoPulseSequence", "EchoPlanarPulseSequence", "SyntheticData",
+    )
+)
+_FUNCTIONAL_GROUPS = (0x52009229, 0x52009230)  # Shared / Per-frame Functional Groups Sequence
+_facts_cache: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+
+def _raw_key(ds: Dataset) -> tuple[Any, ...] | None:
+    """The encoded values :func:`_facts` depends on, or None when they are not all at hand.
+
+    Slices of one series share these values, so the facts are computed once
+    per series and header variant instead of once per instance.
+    """
+    if any(t in ds for t in _FUNCTIONAL_GROUPS):
+        return None
+    key: list[Any] = []
+    for tag in _FACT_TAGS:
+        elem = ds.get_item(tag, keep_deferred=True)
+        if elem is None:
+            key.append(None)
+        elif isinstance(elem, RawDataElement) and elem.value is not None:
+            key.append((elem.VR, elem.is_implicit_VR, elem.is_little_endian, elem.value))
+        else:  # already decoded, or deferred (large): no cheap key
+            return None
+    return tuple(key)
+
+
 def facts(ds: Dataset) -> dict[str, Any]:
     """Header facts for selection; JSON-serialisable, no patient data."""
-    sop_class = str(ds.get("SOPClassUID", ""))
+    key = _raw_key(ds)
+    if key is None:
+        return _facts(ds)
+    cached = _facts_cache.get(key)
+    if cached is None:
+        cached = _facts(ds)
+        if len(_facts_cache) >= 256:
+            _facts_cache.clear()
+        _facts_cache[key] = cached
+    return {k: list(v) if isinstance(v, list) else v for k, v in cached.items()}  # callers may change their copy
+
+
+def _facts(ds: Dataset) -> dict[str, Any]:
     enhanced = "NumberOfFrames" in ds and ("SharedFunctionalGroupsSequence" in ds or "PerFrameFunctionalGroupsSequence" in ds)
     tr = _num(ds.get("RepetitionTime"))
     te = _num(ds.get("EchoTime"))
@@ -111,6 +159,8 @@ def facts(ds: Dataset) -> dict[str, Any]:
         "ti": ti,
         "scanning_sequence": seq,
         "rows": int(ds.get("Rows", 0) or 0),
+        "samples": int(ds.get("SamplesPerPixel", 1) or 1),
+        "bits": int(ds.get("BitsAllocated", 0) or 0),
         "cols": int(ds.get("Columns", 0) or 0),
         "frames": int(ds.get("NumberOfFrames", 1) or 1),
         "iop": [round(float(x), 3) for x in iop] if iop is not None and len(iop) == 6 else None,

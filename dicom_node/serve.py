@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 def open_storage(cfg: Config) -> tuple[Spool, Ledger]:
     cfg.storage.dir.mkdir(parents=True, exist_ok=True)
     spool = Spool(cfg.spool_dir, cfg.storage.min_free_mb)
-    ledger = Ledger(cfg.storage.ledger_url)
+    ledger = Ledger(cfg.storage.ledger_url, background_checkpoints=True)  # serve() runs them
     return spool, ledger
 
 
@@ -162,6 +162,10 @@ def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
 
     while not stop.wait(1.0):
         pool.supervise()
+        try:
+            ledger.checkpoint()
+        except Exception as exc:  # e.g. busy; the next second tries again
+            log.debug("ledger checkpoint skipped: %s", exc)
 
     server.shutdown()  # stops accepting; established associations carry on
     deadline = time.monotonic() + min(cfg.node.dimse_timeout, 30.0)

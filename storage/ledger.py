@@ -22,7 +22,7 @@ from sqlalchemy import and_, bindparam, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.db import make_engine, migrate
+from storage.db import checkpoint, make_engine, migrate
 from storage.models import (
     ACTIVE_JOB_STATES,
     Delivery,
@@ -111,18 +111,30 @@ class _HotStatements:
             .where(S.c.id == bindparam("b_sid"))
             .values(instances=S.c.instances + 1, last_received_at=bindparam("b_now"), release_seen_at=None)
         )
+        # the common case in two statements: count the instance into its receiving series, insert its row
+        self.count_into_receiving = (
+            S.update()
+            .where(S.c.series_uid == bindparam("b_uid"), S.c.state == SeriesState.RECEIVING.value)
+            .values(instances=S.c.instances + 1, last_received_at=bindparam("b_now"), release_seen_at=None)
+            .returning(S.c.id, S.c.generation)
+        )
 
 
 class Ledger:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, background_checkpoints: bool = False) -> None:
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, background_checkpoints=background_checkpoints)
         self.schema_version = migrate(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._hot = _HotStatements()
+        self._fast_path = bool(self.engine.dialect.update_returning)  # SQLite >= 3.35, PostgreSQL
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def checkpoint(self) -> tuple[int, int] | None:
+        """Housekeeping off the receive path (see :func:`storage.db.checkpoint`)."""
+        return checkpoint(self.engine)
 
     def session(self) -> Session:
         return self._session()
@@ -130,6 +142,13 @@ class Ledger:
     # ============================================================ receiving
     def record_instance(self, rec: InstanceRecord, now: datetime | None = None) -> RecordOutcome:
         now = now or utcnow()
+        if self._fast_path:
+            try:
+                outcome = self._record_new_instance(rec, now)
+            except IntegrityError:
+                outcome = None  # a resend of a stored instance: rolled back, the full path below handles it
+            if outcome is not None:
+                return outcome
         for attempt in range(3):
             try:
                 return self._record_instance(rec, now)
@@ -139,8 +158,28 @@ class Ledger:
                     raise
         raise AssertionError("unreachable")
 
+    def _instance_row(self, rec: InstanceRecord, series_id: int, now: datetime) -> dict[str, Any]:
+        return {
+            "sop_instance_uid": rec.sop_instance_uid, "series_id": series_id, "sop_class_uid": rec.sop_class_uid,
+            "transfer_syntax": rec.transfer_syntax, "path": rec.path, "size_bytes": rec.size_bytes,
+            "calling_aet": rec.calling_aet, "received_at": now, "attrs": rec.attrs,
+        }
+
+    def _record_new_instance(self, rec: InstanceRecord, now: datetime) -> RecordOutcome | None:
+        """The common case, in two statements: a new instance of a series that is receiving.
+
+        Returns None (nothing written) when the series is new or was already
+        handed on; raises IntegrityError (rolled back) for a resent instance.
+        """
+        with self.engine.begin() as c:
+            row = c.execute(self._hot.count_into_receiving, {"b_uid": rec.series_uid, "b_now": now}).first()
+            if row is None:
+                return None
+            c.execute(self._hot.insert_instance, self._instance_row(rec, row[0], now))
+            return RecordOutcome(row[0], duplicate=False, reopened=False, generation=row[1])
+
     def _record_instance(self, rec: InstanceRecord, now: datetime) -> RecordOutcome:
-        # Hot path (one call per received instance): statements built once, one transaction.
+        # Every case (new series, resend, reopening): statements built once, one transaction.
         S, I, hot = Series.__table__, Instance.__table__, self._hot
         with self.engine.begin() as c:
             row = c.execute(hot.series_by_uid, {"b_uid": rec.series_uid}).first()
@@ -162,11 +201,7 @@ class Ledger:
                 if state == SeriesState.RECEIVING.value:
                     c.execute(S.update().where(S.c.id == sid).values(last_received_at=now))
                 return RecordOutcome(sid, duplicate=True, reopened=False, generation=generation)
-            c.execute(hot.insert_instance, {
-                "sop_instance_uid": rec.sop_instance_uid, "series_id": sid, "sop_class_uid": rec.sop_class_uid,
-                "transfer_syntax": rec.transfer_syntax, "path": rec.path, "size_bytes": rec.size_bytes,
-                "calling_aet": rec.calling_aet, "received_at": now, "attrs": rec.attrs,
-            })
+            c.execute(hot.insert_instance, self._instance_row(rec, sid, now))
             if state == SeriesState.RECEIVING.value:
                 c.execute(hot.count_instance, {"b_sid": sid, "b_now": now})
                 return RecordOutcome(sid, duplicate=False, reopened=False, generation=generation)

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -26,6 +27,12 @@ _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 #: errno values that mean "we are out of resources", not "the data is bad"
 RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO})
+
+
+_FADV_DONTNEED: int | None = getattr(os, "POSIX_FADV_DONTNEED", None) if hasattr(os, "posix_fadvise") else None
+
+#: free space far enough above the floor to skip checking it for a second
+_ROOMY = 1 << 30  # bytes
 
 
 class SpoolFull(OSError):
@@ -59,6 +66,7 @@ class Spool:
         self.min_free_bytes = min_free_mb * 1024 * 1024
         self.incoming.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
+        self._roomy_until = 0.0  # monotonic time until which free space need not be checked again
 
     # ------------------------------------------------------------------ paths
     def relpath_for(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
@@ -76,25 +84,55 @@ class Spool:
     def check_space(self, incoming_bytes: int = 0) -> None:
         if self.min_free_bytes <= 0:
             return
+        now = time.monotonic()
+        if now < self._roomy_until and incoming_bytes < _ROOMY:
+            return
         free = self.free_bytes()
         if free - incoming_bytes < self.min_free_bytes:
             raise SpoolFull(
                 errno.ENOSPC,
                 f"spool has {free // 2**20} MB free, below storage.min_free_mb={self.min_free_bytes // 2**20}",
             )
+        # Far above the floor: skip the file-system query for a second (one per instance
+        # otherwise); a second of receiving cannot use up the margin.
+        self._roomy_until = now + 1.0 if free - self.min_free_bytes > 2 * _ROOMY else 0.0
 
     # ---------------------------------------------------------------- commit
-    def commit(self, tmp: Path, study_uid: str, series_uid: str, sop_uid: str) -> SpooledFile:
+    def start_writeback(self, tmp: Path) -> None:
+        """Ask the kernel to start writing *tmp* to disk now, without waiting.
+
+        Called as soon as an instance has arrived: the disk writes while its
+        header is checked, and the fsync in :meth:`commit` has less left to
+        wait for.  Only a hint (Linux starts writeback on POSIX_FADV_DONTNEED;
+        pages still dirty or being written stay cached); errors are ignored
+        and the fsync still guarantees durability.
+        """
+        if _FADV_DONTNEED is None:
+            return
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, _FADV_DONTNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def commit(self, tmp: Path, study_uid: str, series_uid: str, sop_uid: str, size: int | None = None) -> SpooledFile:
         """Make *tmp* durable under its final name (fsync, rename, fsync folder).
 
-        *tmp* must be on the spool's file system (``self.incoming``).  A file
+        *tmp* must be on the spool's file system (``self.incoming``); *size*,
+        when the caller knows it, saves a stat.  A file
         already stored under the same SOP Instance UID is replaced atomically.
         Raises :class:`SpoolFull` for resource problems.
         """
         rel = self.relpath_for(study_uid, series_uid, sop_uid)
         final = self.root / rel
         try:
-            size = tmp.stat().st_size
+            if size is None:
+                size = tmp.stat().st_size
             self.check_space(0)
             fd = os.open(tmp, os.O_RDONLY)
             try:

@@ -119,3 +119,35 @@ def test_schema_version_is_kept_and_checked(tmp_path: Path) -> None:
 def test_sqlite_runs_in_wal_mode(ledger: Ledger, tmp_path: Path) -> None:
     con = sqlite3.connect(tmp_path / "ledger.db")
     assert con.execute("pragma journal_mode").fetchone()[0] == "wal"
+
+
+def test_new_instances_resends_and_a_reopened_series_are_counted_right(ledger: Ledger) -> None:
+    """The two-statement path for a receiving series must agree with the full path in every case."""
+    for i in range(5):
+        assert ledger.record_instance(rec(f"1.5.{i}")).generation == 1
+    assert ledger.record_instance(rec("1.5.2")).duplicate  # a resend: rolled back, then the full path
+    (due,) = ledger.due_series(0, None, now=utcnow() + timedelta(seconds=1))
+    assert due.instances == 5
+    ledger.complete_series(due, classification="T1", reason="r", direction="t1-to-t2")
+    late = ledger.record_instance(rec("1.5.9"))  # the series was handed on: it reopens
+    assert late.reopened and late.generation == 2
+    again = ledger.record_instance(rec("1.5.10"))  # receiving again: the short path once more
+    assert not again.reopened and again.generation == 2
+    assert ledger.status()["series"][0]["instances"] == 7
+
+
+def test_serve_folds_the_wal_back_itself(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'bg.db'}"
+    led = Ledger(url, background_checkpoints=True)
+    with led.engine.connect() as c:
+        assert c.exec_driver_sql("pragma wal_autocheckpoint").scalar() == 10000
+    for i in range(50):
+        led.record_instance(rec(f"1.6.{i}"))
+    frames, done = led.checkpoint()
+    assert frames > 0 and done == frames  # every committed transaction folded back
+    assert led.checkpoint() == (frames, frames)  # nothing new since
+    led.record_instance(rec("1.6.50"))
+    frames2, done2 = led.checkpoint()
+    assert done2 == frames2 > 0
+    assert led.status()["series"][0]["instances"] == 51
+    led.close()
