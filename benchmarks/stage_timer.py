@@ -5,7 +5,7 @@ Usage: python benchmarks/stage_timer.py OUT.json -- <dicomnode arguments>
 
 Each stage of :meth:`Intake.store` (header read, facts, checks, spool commit,
 ledger row) is wrapped with a wall-clock timer; at exit the durations are
-written to OUT.json as ``{stage: [ms, ...]}``.  Timing adds about 1 us a call.
+written to OUT.json as ``{stage: [ms, ...]}``.
 """
 
 from __future__ import annotations

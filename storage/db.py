@@ -45,7 +45,7 @@ def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
 
     With *background_checkpoints* the caller runs :func:`checkpoint` every few
     seconds, so that a write transaction (one per received instance) does not
-    pay for folding the WAL back into the database now and then (5-15 ms).
+    pay for folding the WAL back into the database now and then (up to 15 ms).
     """
     u = make_url(url)
     kwargs: dict[str, Any] = {}

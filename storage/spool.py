@@ -104,8 +104,9 @@ class Spool:
         Called as soon as an instance has arrived: the disk writes while its
         header is checked, and the fsync in :meth:`commit` has less left to
         wait for.  Only a hint (Linux starts writeback on POSIX_FADV_DONTNEED;
-        pages still dirty or being written stay cached); errors are ignored
-        and the fsync still guarantees durability.
+        pages still dirty or being written stay cached, pages already on disk
+        leave the cache, so the worker may read those from disk again); errors
+        are ignored and the fsync still guarantees durability.
         """
         if _FADV_DONTNEED is None:
             return
