@@ -67,12 +67,19 @@ def _config_checkpoint(config: Path | None, checkpoint: str | None) -> str:
     return "default" if config is None else str(_model_config(config).checkpoint)
 
 
-def _load(checkpoint: str, direction: str | None, device: str) -> Any:
+def _config_engine(config: Path | None, engine: str | None) -> str:
+    """--engine, else ``model.engine`` from --config, else ``auto``."""
+    if engine:
+        return engine
+    return "auto" if config is None else str(_model_config(config).engine)
+
+
+def _load(checkpoint: str, direction: str | None, device: str, engine: str = "auto") -> Any:
     from ml.checkpoint import CheckpointError
     from ml.inference import load_model
 
     try:
-        return load_model(checkpoint, direction=direction, device=device)
+        return load_model(checkpoint, direction=direction, device=device, engine=engine)
     except (CheckpointError, ValueError) as exc:
         _fail(str(exc))
 
@@ -87,6 +94,8 @@ def _progress() -> Any:
 _config_option = click.option("--config", "config", type=click.Path(path_type=Path), default=None,
                               help="Node configuration file (model.device / model.checkpoint defaults).")
 _DIRECTIONS = click.Choice(["t1-to-t2", "t2-to-t1"])
+_DEVICE_HELP = "auto, cpu, cuda, cuda:N (default: config model.device, else auto: CUDA when present)."
+_ENGINE_HELP = "auto (ONNX Runtime on CPU, torch on CUDA), torch, onnxruntime (default: config model.engine, else auto)."
 
 
 @click.command("train")
@@ -99,7 +108,7 @@ _DIRECTIONS = click.Choice(["t1-to-t2", "t2-to-t1"])
 @click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Default 1e-3 (U-Net), 2e-4 (CycleGAN).")
-@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N (default: config model.device, else auto).")
+@click.option("--device", default=None, help=_DEVICE_HELP)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Checkpoint folder (written every epoch).")
 @click.option("--resume", is_flag=True, help="Continue the training saved in --out.")
 @click.option("--crop", type=click.IntRange(min=16), default=128, show_default=True, help="Training patch size.")
@@ -109,10 +118,32 @@ _DIRECTIONS = click.Choice(["t1-to-t2", "t2-to-t1"])
                    '"upsampling": "resize-conv", "sobel": true, "context_slices": 1, "dropout": 0.1}\'.')
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-augment", is_flag=True, help="Disable flips / affine / intensity augmentation.")
+@click.option("--mri-augment", is_flag=True,
+              help="Also simulate thick-slice 2-D acquisitions from 1 mm subjects, bias fields and noise.")
+@click.option("--loss", type=click.Choice(["l1", "l1+ssim"]), default="l1", show_default=True,
+              help="U-Net training loss: L1, or L1 + w * (1 - SSIM).")
+@click.option("--ssim-weight", type=click.FloatRange(min=0), default=1.0, show_default=True, help="w of --loss l1+ssim.")
+@click.option("--input-norm", type=click.Choice(["percentile", "tissue-peak"]), default="percentile", show_default=True,
+              help="Input scaling: 99.5th percentile in the head mask, or the main tissue peak (harmonises "
+                   "skull-stripped and whole-head scans).")
+@click.option("--folds", type=click.IntRange(min=0), default=None, is_flag=False, flag_value=0,
+              help="Subject-wise K-fold cross-validation: one model per fold in OUT/fold-<i>/ "
+                   "(--folds alone or 0: leave one patient out).")
+@click.option("--fold", "only_folds", type=click.IntRange(min=1), multiple=True,
+              help="With --folds: train only this fold (repeatable), e.g. one fold per machine.")
+@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MINUTES",
+              help="Stop cleanly after this many minutes with a resumable state (continue with --resume).")
+@click.option("--force", is_flag=True, help="Start afresh even if --out already holds a training.")
+@click.option("--name", default=None, help="Model name stored in the checkpoint (default dicomnode-<model>-<direction>).")
+@click.option("--version", "model_version", default="1", show_default=True, help="Model version stored in the checkpoint.")
+@click.option("--val-every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Validate every N epochs (and after the last).")
 @_config_option
 def train_command(model: str, direction: str, data: Path, val_subjects: tuple[str, ...], exclude_subjects: tuple[str, ...],
                   epochs: int, batch_size: int, lr: float | None, device: str | None, out: Path, resume: bool, crop: int,
-                  steps_per_epoch: int | None, network_json: str | None, seed: int, no_augment: bool,
+                  steps_per_epoch: int | None, network_json: str | None, seed: int, no_augment: bool, mri_augment: bool,
+                  loss: str, ssim_weight: float, input_norm: str, folds: int | None, only_folds: tuple[int, ...],
+                  time_budget: float | None, force: bool, name: str | None, model_version: str, val_every: int,
                   config: Path | None) -> None:
     """Train a U-Net (paired) or a CycleGAN (unpaired) T1<->T2 model; works under torchrun."""
     _setup_logging()
@@ -133,18 +164,35 @@ def train_command(model: str, direction: str, data: Path, val_subjects: tuple[st
     def split(values: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(v.strip() for item in values for v in item.split(",") if v.strip())
 
+    if only_folds and folds is None:
+        raise click.BadParameter("needs --folds", param_hint="--fold")
+    if out.exists() and any(out.iterdir()) and not (resume or force):
+        _fail(f"--out: {out} already holds a training; add --resume to continue it or --force to start afresh")
+    if force and not resume and out.is_dir():
+        import shutil
+
+        shutil.rmtree(out)
     cfg = TrainConfig(model=model, direction=direction, data=data, out=out, val_subjects=split(val_subjects),
                       exclude_subjects=split(exclude_subjects), epochs=epochs, batch_size=batch_size, lr=lr, device=dev,
                       resume=resume, crop=crop, steps_per_epoch=steps_per_epoch, seed=seed, network=network,
-                      augment=not no_augment)
+                      augment=not no_augment, mri_augment=mri_augment, loss=loss, ssim_weight=ssim_weight,
+                      input_norm=input_norm, time_budget=time_budget, val_every=val_every,
+                      name=name, version=model_version)
+    from ml.train import train_folds
+
     try:
-        path = train(cfg)
+        results = [train(cfg)] if folds is None else train_folds(cfg, folds or None, only=only_folds)
     except (DataError, OptionError, TrainError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         click.echo(f"interrupted; continue with: dicomnode train ... --out {out} --resume", err=True)
         sys.exit(130)
-    click.echo(f"checkpoint written to {path}")
+    for r in results:
+        state = "finished" if r.finished else f"stopped by --time-budget at epoch {r.epochs_completed + 1}, step {r.step_in_epoch}"
+        click.echo(f"checkpoint written to {r.out} ({state})")
+    if not all(r.finished for r in results):
+        click.echo(f"continue with: dicomnode train ... --out {out} --resume", err=True)
+        sys.exit(3)
 
 
 @click.command("evaluate")
@@ -154,20 +202,44 @@ def train_command(model: str, direction: str, data: Path, val_subjects: tuple[st
 @click.option("--subjects", multiple=True, help="Only these subject folders (repeatable).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write all figures as JSON.")
 @click.option("--png", "png_dir", type=click.Path(path_type=Path), default=None, help="Folder for one PNG per subject.")
-@click.option("--device", default=None)
+@click.option("--device", default=None, help=_DEVICE_HELP)
+@click.option("--engine", type=click.Choice(["auto", "torch", "onnxruntime"]), default=None, help=_ENGINE_HELP)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--folds", type=click.IntRange(min=0), default=None, is_flag=False, flag_value=0,
+              help="--checkpoint is a cross-validation folder (dicomnode train --folds): evaluate each "
+                   "CHECKPOINT/fold-<i> on its own held-out subjects (--folds alone: every fold found).")
 @_config_option
 def evaluate_command(checkpoint: str | None, data: Path, direction: str | None, subjects: tuple[str, ...],
                      json_out: Path | None, png_dir: Path | None, device: str | None, batch_size: int,
-                     config: Path | None) -> None:
-    """Per-subject and mean MSE/MAE/PSNR/SSIM (whole and masked) for the model and two baselines."""
+                     engine: str | None, folds: int | None, config: Path | None) -> None:
+    """Per-subject and mean figures for the model, two baselines and two "nearly perfect" references:
+    the quality metric (PSNR / SSIM on the eroded nonzero mask) and MSE/MAE/PSNR/SSIM (whole and masked)."""
     _setup_logging()
     dev = _config_device(config, device)
+    eng = _config_engine(config, engine)
     ckpt = _config_checkpoint(config, checkpoint)
-    model = _load(ckpt, direction, dev)
     from ml.data import DataError
-    from ml.evaluate import METHODS, evaluate, write_json
+    from ml.evaluate import METHODS, evaluate, evaluate_folds, fold_checkpoints, write_json
 
+    if folds is not None:
+        if subjects:
+            raise click.BadParameter("the folds choose the subjects; leave out --subjects", param_hint="--folds")
+        try:
+            paths = fold_checkpoints(Path(ckpt), folds or None)
+        except DataError as exc:
+            _fail(str(exc))
+        models = [(p.name, _load(str(p), direction, dev, eng)) for p in paths]
+        try:
+            result = evaluate_folds(models, data, png_dir=png_dir, batch_size=batch_size,
+                                    progress=lambda name: log.info("evaluate %s", name))
+        except DataError as exc:
+            _fail(str(exc))
+        _print_result(result, METHODS)
+        if json_out is not None:
+            write_json(result, json_out)
+            click.echo(f"figures written to {json_out}")
+        return
+    model = _load(ckpt, direction, dev, eng)
     try:
         from ml.data import discover_paired
 
@@ -203,6 +275,24 @@ def _print_result(result: dict[str, Any], methods: tuple[str, ...]) -> None:
     click.echo(f"normalization: {result['normalization']}")
     click.echo(f"mask: {result['mask']}")
     click.echo(f"DICOM-paper figures: {result['paper_metrics']}")
+    click.echo(f"{result['quality_metric']}")
+    from ml.evaluate import REFERENCES
+
+    cols = [*methods, *REFERENCES]
+    quality_table = Table("subject", *(f"{c}\nPSNR / SSIM" for c in cols), title="quality metric")
+    qrows = list(result["subjects"].items())
+    if result["mean_held_out"]:
+        qrows.append(("MEAN held out", result["mean_held_out"]))
+        qrows.append(("SD held out", result.get("sd_held_out") or {}))
+    for name, r in qrows:
+        label = name + (f" ({r['fold']})" if isinstance(r.get("fold"), str) else
+                        "" if not isinstance(r.get("held_out"), bool) else (" (held out)" if r["held_out"] else " (train)"))
+        cells = []
+        for c in cols:
+            m = r.get(c) or {}
+            cells.append(f"{m['q_psnr']:.2f} / {m['q_ssim']:.3f}" if "q_psnr" in m else "")
+        quality_table.add_row(label, *cells)
+    console.print(quality_table)
     table = Table("subject", "method", "PSNR", "SSIM", "MSE", "MAE", "PSNR mask", "SSIM mask", "MSE mask", "MAE mask",
                   "paper MSE", "paper MAE", "paper PSNR")
     rows = [(n, r) for n, r in result["subjects"].items()]
@@ -227,11 +317,12 @@ def _print_result(result: dict[str, Any], methods: tuple[str, ...]) -> None:
 @click.option("--input", "input_path", type=click.Path(path_type=Path), required=True, help="NIfTI file or DICOM series folder.")
 @click.option("--output", type=click.Path(path_type=Path), required=True, help="Output NIfTI (.nii or .nii.gz), uint16.")
 @click.option("--direction", type=_DIRECTIONS, default=None, help="Needed for default / CycleGAN checkpoints (default t1-to-t2).")
-@click.option("--device", default=None)
+@click.option("--device", default=None, help=_DEVICE_HELP)
+@click.option("--engine", type=click.Choice(["auto", "torch", "onnxruntime"]), default=None, help=_ENGINE_HELP)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @_config_option
 def predict_command(checkpoint: str | None, input_path: Path, output: Path, direction: str | None, device: str | None,
-                    batch_size: int, config: Path | None) -> None:
+                    engine: str | None, batch_size: int, config: Path | None) -> None:
     """Synthesize the other contrast of one volume, offline."""
     _setup_logging()
     if not output.name.endswith((".nii", ".nii.gz")):
@@ -244,7 +335,7 @@ def predict_command(checkpoint: str | None, input_path: Path, output: Path, dire
         vol = load_volume(input_path)
     except DataError as exc:
         _fail(str(exc))
-    model = _load(ckpt, direction, dev)
+    model = _load(ckpt, direction, dev, _config_engine(config, engine))
     import nibabel as nib
     import numpy as np
 

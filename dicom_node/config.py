@@ -189,6 +189,7 @@ class ModelConfig:
     t1_to_t2: str | None = None  # per-direction override (path to a checkpoint)
     t2_to_t1: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    engine: str = "auto"  # auto (ONNX Runtime on CPU, torch on CUDA) | torch | onnxruntime
     batch_size: int = 16
     directions: tuple[Direction, ...] = (Direction.T1_TO_T2, Direction.T2_TO_T1)
 
@@ -262,7 +263,7 @@ class Config:
             f"max_associations={self.node.max_associations} calling_aets={aets} "
             f"storage={self.storage.dir} ledger={_redact_url(self.storage.ledger_url)} "
             f"quiet_seconds={self.series.quiet_seconds} model={self.model.checkpoint} "
-            f"device={self.model.device} workers={self.worker.processes} destinations={dests}"
+            f"device={self.model.device} engine={self.model.engine} workers={self.worker.processes} destinations={dests}"
         )
 
     def with_overrides(self, **sections: Mapping[str, Any]) -> "Config":
@@ -367,6 +368,13 @@ def _regex(ctx: _Ctx, key: str, value: Any) -> str:
     except re.error as exc:
         raise ctx.fail(key, f"invalid regular expression: {exc}") from None
     return v
+
+
+def _engine(ctx: _Ctx, key: str, value: Any) -> str:
+    allowed = ("auto", "torch", "onnxruntime")
+    if not isinstance(value, str) or value.lower() not in allowed:
+        raise ctx.fail(key, f"expected one of {', '.join(allowed)}, got {value!r}")
+    return value.lower()
 
 
 def _enum(ctx: _Ctx, key: str, value: Any, enum_cls: type[enum.Enum]) -> Any:
@@ -518,6 +526,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         ModelConfig,
         {
             "device": lambda k, v: _device(ctx, k, v),
+            "engine": lambda k, v: _engine(ctx, k, v),
             "batch_size": lambda k, v: _positive(ctx, k, v, int),
             "directions": lambda k, v: _directions(ctx, k, v),
             "checkpoint": lambda k, v: _checkpoint(ctx, k, v, base),

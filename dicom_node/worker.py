@@ -64,8 +64,9 @@ class Worker:
 
             override = self.cfg.model.t1_to_t2 if direction is Direction.T1_TO_T2 else self.cfg.model.t2_to_t1
             t0 = time.monotonic()
-            m = load_model(override or self.cfg.model.checkpoint, direction=direction.value, device=self.cfg.model.device)
-            log.info("model %s (%s) loaded in %.1f s", m.name, m.identity, time.monotonic() - t0)
+            m = load_model(override or self.cfg.model.checkpoint, direction=direction.value, device=self.cfg.model.device,
+                           engine=self.cfg.model.engine)
+            log.info("model %s (%s) loaded in %.1f s, engine %s", m.name, m.identity, time.monotonic() - t0, m.engine.value)
             self._models[direction.value] = m
         return m
 

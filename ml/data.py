@@ -19,7 +19,8 @@ volumes (``DIR/T1/*`` and ``DIR/T2/*``), or the paired layout used without pairi
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -32,16 +33,21 @@ from skimage.filters import threshold_otsu
 __all__ = [
     "CANONICAL",
     "DataError",
+    "InputNorm",
     "Normalization",
     "Subject",
     "Volume",
     "discover_paired",
     "canonical_shape",
     "discover_unpaired",
+    "fragmentary_slices",
     "from_canonical",
     "head_mask",
+    "input_volume",
     "load_volume",
     "normalize",
+    "thick_stack",
+    "tissue_peak",
     "to_canonical",
 ]
 
@@ -235,6 +241,55 @@ def normalize(data: np.ndarray, mask: np.ndarray | None = None,
     return norm.apply(data), norm
 
 
+class InputNorm(str, Enum):
+    """How a network's *input* volume is scaled (the target is always :func:`normalize`-d).
+
+    ``percentile``: divided by its 99.5th percentile inside the head mask (v1/v2 checkpoints).
+    ``tissue-peak``: divided by its main tissue peak (:func:`tissue_peak`), so that the same
+    tissue means the same input value whether the scan is skull-stripped or whole-head (the
+    99.5th percentile of a whole-head T1 is scalp fat, of a skull-stripped one white matter).
+    """
+
+    PERCENTILE = "percentile"
+    TISSUE_PEAK = "tissue-peak"
+
+
+INPUT_CLIP = 4.0
+"""Harmonised inputs are clipped to [0, INPUT_CLIP] (fat, vessels and artefacts above that carry no tissue contrast)."""
+
+
+def tissue_peak(data: np.ndarray, mask: np.ndarray, lower_percentile: float = 40.0) -> float:
+    """The main tissue peak: the mode of the smoothed histogram of the values inside *mask* between
+    their *lower_percentile* and 99.5th percentile (white matter on T1, grey matter on T2; the
+    lower part of the histogram, dominated by background-like voxels in whole-head scans, is ignored)."""
+    inside = np.asarray(data[mask] if mask.any() else data[data > 0], dtype=np.float64)
+    if inside.size == 0:
+        return 1.0
+    lo, hi = np.percentile(inside, [lower_percentile, NORM_PERCENTILE])
+    if not hi > lo:
+        return float(hi) if hi > 0 else 1.0
+    hist, edges = np.histogram(inside[(inside >= lo) & (inside <= hi)], bins=200, range=(lo, hi))
+    i = int(np.argmax(ndimage.gaussian_filter1d(hist.astype(np.float64), 3.0)))
+    peak = 0.5 * (edges[i] + edges[i + 1])
+    return float(peak) if peak > 0 else float(hi)
+
+
+def input_volume(data: np.ndarray, mask: np.ndarray, method: InputNorm) -> np.ndarray:
+    """Scale a (canonical) volume for the network input as *method* says; float32."""
+    if method is InputNorm.PERCENTILE:
+        return normalize(data, mask)[0]
+    peak = tissue_peak(data, mask)
+    return np.clip(np.asarray(data, dtype=np.float32) / np.float32(peak), 0.0, INPUT_CLIP).astype(np.float32)
+
+
+def parse_input_norm(value: object) -> InputNorm:
+    try:
+        return InputNorm(str(value or InputNorm.PERCENTILE.value))
+    except ValueError:
+        raise DataError(f"input normalization: {value!r} is not one of "
+                        f"{', '.join(m.value for m in InputNorm)}") from None
+
+
 @dataclass
 class Subject:
     """A paired subject: both contrasts on one grid, canonical, normalized."""
@@ -246,12 +301,24 @@ class Subject:
     norm_t1: Normalization
     norm_t2: Normalization
     affine: np.ndarray  # canonical affine
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # voxel size (mm) along the canonical axes
+    _inputs: dict[tuple[str, InputNorm], np.ndarray] = field(default_factory=dict, repr=False)
 
     def image(self, contrast: str) -> np.ndarray:
         return self.t1 if contrast == "T1" else self.t2
 
     def normalization(self, contrast: str) -> Normalization:
         return self.norm_t1 if contrast == "T1" else self.norm_t2
+
+    def input_image(self, contrast: str, method: InputNorm) -> np.ndarray:
+        """*contrast* scaled as a network input (:func:`input_volume` inside that contrast's own head mask)."""
+        if method is InputNorm.PERCENTILE:
+            return self.image(contrast)
+        key = (contrast, method)
+        if key not in self._inputs:
+            img = self.image(contrast)
+            self._inputs[key] = input_volume(img, head_mask(img), method)
+        return self._inputs[key]
 
 
 def _find_contrast(folder: Path, contrast: str) -> Path | None:
@@ -293,7 +360,8 @@ def load_subject(folder: Path) -> Subject:
     n1, norm1 = normalize(d1, m1)
     n2, norm2 = normalize(d2, m2)
     mask = m1 | m2
-    return Subject(folder.name, n1, n2, mask, norm1, norm2, aff)
+    spacing = tuple(float(v) for v in np.sqrt((aff[:3, :3] ** 2).sum(axis=0)))
+    return Subject(folder.name, n1, n2, mask, norm1, norm2, aff, spacing)  # type: ignore[arg-type]
 
 
 def load_subjects(folders: Iterable[Path]) -> list[Subject]:
@@ -333,10 +401,55 @@ def slice_stack(volume: np.ndarray, k: int, context: int) -> np.ndarray:
     return np.moveaxis(volume[:, :, idx], 2, 0)
 
 
+def thick_stack(volume: np.ndarray, k: int, context: int, thickness: int) -> np.ndarray:
+    """Like :func:`slice_stack`, but as a 2-D acquisition of *thickness* slices would see the volume:
+    each of the ``2 * context + 1`` slices is the mean of *thickness* neighbouring thin slices, and
+    neighbours lie *thickness* slices apart (edges repeated).  ``thickness=1`` is :func:`slice_stack`."""
+    if thickness <= 1:
+        return slice_stack(volume, k, context)
+    nz = volume.shape[2]
+    first = k - thickness // 2
+    out = []
+    for j in range(-context, context + 1):
+        idx = np.clip(np.arange(first + j * thickness, first + (j + 1) * thickness), 0, nz - 1)
+        out.append(volume[:, :, idx].mean(axis=2))
+    return np.stack(out).astype(np.float32)
+
+
+FRAGMENT_MEAN_AREA = 0.45
+"""Below this mean inferior slice area (relative to the largest slice) a brain mask is judged to
+have lost its lower part (see :func:`fragmentary_slices`).  On the shared data the intact masks,
+skull-stripped or whole-head, score 0.54-0.80 and brats_sri24_case, whose brain extraction failed
+on the lowest third of the slices, 0.37."""
+
+
+def fragmentary_slices(mask: np.ndarray) -> list[int]:
+    """Inferior axial slices of a brain mask whose extraction failed, or ``[]`` when it did not.
+
+    A failed skull stripping leaves only fragments of the brain in the lowest slices: their mask
+    area falls far below that of an intact brain, whose inferior slices (temporal lobes,
+    cerebellum) still average more than half of the largest slice.  When the slices below the
+    largest one average less than :data:`FRAGMENT_MEAN_AREA` of it, those of them covering less
+    than half of it are fragmentary: they would teach (and score) a model on a truncated brain,
+    so training and evaluation leave them out.
+    """
+    area = mask.reshape(-1, mask.shape[2]).sum(axis=0).astype(np.float64)
+    if not area.any():
+        return []
+    top = int(np.argmax(area))
+    present = np.nonzero(area)[0]
+    below = np.arange(int(present[0]), top)
+    if below.size == 0 or area[below].mean() / area[top] >= FRAGMENT_MEAN_AREA:
+        return []
+    return [int(k) for k in below if area[k] < 0.5 * area[top]]
+
+
 def useful_slices(mask: np.ndarray, min_fraction: float = 0.02) -> list[int]:
-    """Axial slices whose head mask covers at least *min_fraction* of the slice."""
+    """Axial slices whose head mask covers at least *min_fraction* of the slice and that are not
+    :func:`fragmentary_slices`."""
     frac = mask.reshape(-1, mask.shape[2]).mean(axis=0)
-    return [int(k) for k in np.nonzero(frac >= min_fraction)[0]]
+    bad = set(fragmentary_slices(mask))
+    return [int(k) for k in np.nonzero(frac >= min_fraction)[0] if int(k) not in bad]
 
 
 def split_names(names: Sequence[str], val: Sequence[str]) -> tuple[list[str], list[str]]:

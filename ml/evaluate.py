@@ -21,15 +21,19 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from skimage.exposure import match_histograms
 
-from .data import DataError, _find_contrast, discover_paired, head_mask, load_volume, to_canonical
+from .data import DataError, _find_contrast, discover_paired, fragmentary_slices, head_mask, load_volume, to_canonical
 from .inference import LoadedModel, synthesize
-from .metrics import NORMALIZATION_TEXT, compare, unit_range
+from .metrics import (NORMALIZATION_TEXT, QUALITY_TEXT, compare, quality, quality_mask, reference_blur, reference_shift,
+                      unit_range)
 
-__all__ = ["METHODS", "evaluate", "save_panel"]
+__all__ = ["METHODS", "REFERENCES", "evaluate", "evaluate_folds", "save_panel"]
 
 log = logging.getLogger(__name__)
 
 METHODS = ("model", "inverted_source", "histogram_matched_source")
+REFERENCES = ("reference_shift1", "reference_blur1")
+""""Nearly perfect" rows, quality metric only: the truth moved by one voxel in-plane, and the
+truth blurred in-plane by a Gaussian of sigma 1 voxel."""
 
 
 def save_panel(path: Path, source: np.ndarray, synthetic: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> None:
@@ -45,14 +49,29 @@ def save_panel(path: Path, source: np.ndarray, synthetic: np.ndarray, truth: np.
     iio.imwrite(path, (row * 255 + 0.5).astype(np.uint8))
 
 
-def _mean(per: dict[str, dict[str, dict[str, float]]], names: Sequence[str]) -> dict[str, dict[str, float]]:
+def _mean(per: dict[str, dict[str, Any]], names: Sequence[str], stat: Callable[..., Any] = np.mean) -> dict[str, dict[str, float]]:
     if not names:
         return {}
     out: dict[str, dict[str, float]] = {}
-    for method in METHODS:
+    for method in (*METHODS, *REFERENCES):
+        if method not in per[names[0]]:
+            continue
         keys = per[names[0]][method].keys()
-        out[method] = {k: float(np.mean([per[n][method][k] for n in names])) for k in keys}
+        out[method] = {k: float(stat([per[n][method][k] for n in names])) for k in keys}
     return out
+
+
+def _sd(values: Sequence[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def evaluation_mask(truth: np.ndarray, source: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """The quality metric's mask, less the :func:`~ml.data.fragmentary_slices` of a failed brain extraction."""
+    m = quality_mask(truth, source)
+    frag = fragmentary_slices(head)
+    if frag:
+        m[:, :, frag] = False
+    return m
 
 
 def evaluate(model: LoadedModel, data: str | Path, *, subjects: Sequence[str] | None = None,
@@ -85,6 +104,13 @@ def evaluate(model: LoadedModel, data: str | Path, *, subjects: Sequence[str] | 
             "inverted_source": compare(inverted, truth, mask),
             "histogram_matched_source": compare(matched, truth, mask),
         }
+        qm = evaluation_mask(truth, source, mask)
+        for method, vol in (("model", synthetic), ("inverted_source", inverted), ("histogram_matched_source", matched)):
+            q = quality(vol, truth, qm)
+            per[folder.name][method].update({"q_psnr": q["psnr"], "q_ssim": q["ssim"]})
+        for method, vol in (("reference_shift1", reference_shift(truth)), ("reference_blur1", reference_blur(truth))):
+            q = quality(vol, truth, qm)
+            per[folder.name][method] = {"q_psnr": q["psnr"], "q_ssim": q["ssim"]}
         per[folder.name]["held_out"] = folder.name not in trained_on  # type: ignore[assignment]
         if png_dir is not None:
             save_panel(Path(png_dir) / f"{folder.name}.png", source, synthetic, truth, mask)
@@ -96,6 +122,7 @@ def evaluate(model: LoadedModel, data: str | Path, *, subjects: Sequence[str] | 
         "direction": model.direction,
         "data": str(data),
         "normalization": NORMALIZATION_TEXT,
+        "quality_metric": QUALITY_TEXT + "; slices of a failed brain extraction (ml.data.fragmentary_slices) left out",
         "mask": "union of the source and truth head masks (Otsu + hole filling); brain for skull-stripped data",
         "baselines": {
             "inverted_source": "1 - normalized source inside the mask, 0 outside",
@@ -105,7 +132,61 @@ def evaluate(model: LoadedModel, data: str | Path, *, subjects: Sequence[str] | 
         "subjects": per,
         "mean": _mean(per, names),
         "mean_held_out": _mean(per, held),
+        "sd_held_out": _mean(per, held, _sd),
         "held_out_subjects": held,
+    }
+
+
+def fold_checkpoints(folder: Path, folds: int | None = None) -> list[Path]:
+    """``FOLDER/fold-1 .. fold-K`` (all that exist when *folds* is None or 0)."""
+    found = sorted((p for p in Path(folder).glob("fold-*") if (p / "model.json").is_file()),
+                   key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else 0)
+    if not found:
+        raise DataError(f"--folds: {folder} holds no fold-<i>/model.json (train with dicomnode train --folds)")
+    if folds:
+        want = [Path(folder) / f"fold-{i}" for i in range(1, folds + 1)]
+        missing = [p.name for p in want if p not in found]
+        if missing:
+            raise DataError(f"--folds: {folder} has no {', '.join(missing)}")
+        found = want
+    return found
+
+
+def evaluate_folds(models: Sequence[tuple[str, LoadedModel]], data: str | Path, *, png_dir: Path | None = None,
+                   batch_size: int = 16, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Cross-validated figures: each fold's model on its own held-out subjects (its ``val_subjects``);
+    per subject, and mean and sd over all held-out subjects."""
+    per: dict[str, dict[str, Any]] = {}
+    folds: dict[str, list[str]] = {}
+    for fold, model in models:
+        held = list(((model.metadata.get("training") or {}).get("val_subjects")) or [])
+        if not held:
+            raise DataError(f"{fold}: the checkpoint records no held-out subjects")
+        overlap = sorted(set(held) & set(per))
+        if overlap:
+            raise DataError(f"{fold}: {overlap[0]} is held out by two folds")
+        result = evaluate(model, data, subjects=held, png_dir=png_dir, batch_size=batch_size, progress=progress)
+        for name, row in result["subjects"].items():
+            row["fold"] = fold  # type: ignore[assignment]
+            per[name] = row
+        folds[fold] = held
+    names = list(per)
+    first = models[0][1]
+    return {
+        "checkpoint": f"{first.name.rsplit('-fold-', 1)[0]} ({len(models)} folds)",
+        "identity": {fold: m.identity for fold, m in models},
+        "direction": first.direction,
+        "data": str(data),
+        "normalization": NORMALIZATION_TEXT,
+        "quality_metric": QUALITY_TEXT + "; slices of a failed brain extraction (ml.data.fragmentary_slices) left out",
+        "mask": "union of the source and truth head masks (Otsu + hole filling); brain for skull-stripped data",
+        "paper_metrics": "paper_mse / paper_mae / paper_psnr: whole image, each volume min-max scaled to [0, 1]",
+        "folds": folds,
+        "subjects": per,
+        "mean": _mean(per, names),
+        "mean_held_out": _mean(per, names),
+        "sd_held_out": _mean(per, names, _sd),
+        "held_out_subjects": names,
     }
 
 

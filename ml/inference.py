@@ -25,10 +25,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint, load_into
-from .data import from_canonical, head_mask, normalize, slice_stack, to_canonical
+from .data import DataError, InputNorm, from_canonical, head_mask, input_volume, parse_input_norm, slice_stack, to_canonical
+from .engine import Engine, onnx_module, resolve_engine
 from .networks import Architecture, NetworkOptions, OptionError, build_network, parse_options
 
-__all__ = ["DIRECTIONS", "LoadedModel", "WEIGHTS_DIR", "default_checkpoint", "load_model", "predict_normalized",
+__all__ = ["DIRECTIONS", "LoadedModel", "WEIGHTS_DIR", "default_checkpoint", "load_model", "predict_normalized", "write_onnx",
            "resolve_device", "synthesize"]
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class LoadedModel:
     options: NetworkOptions = field(repr=False)
     device: torch.device = field(repr=False)
     output_scale: float = 1.0
+    input_norm: InputNorm = InputNorm.PERCENTILE
+    engine: Engine = Engine.TORCH
 
     @property
     def source(self) -> str:
@@ -103,14 +106,17 @@ def _fuse_batchnorm(net: nn.Module) -> None:
                     setattr(module, n2, nn.Identity())
 
 
-def load_model(checkpoint: str | Path, direction: str | None = None, device: str = "auto") -> LoadedModel:
-    """Load a checkpoint (or ``"default"``, the shipped weights) for *direction*.
+def load_model(checkpoint: str | Path, direction: str | None = None, device: str = "auto",
+               engine: str | Engine = Engine.TORCH) -> LoadedModel:
+    """Load a checkpoint (or ``"default"``, the shipped weights) for *direction*, to run on
+    *engine* (:func:`ml.engine.resolve_engine`: ``auto`` is ONNX Runtime on CPU).
 
     Raises :class:`~ml.checkpoint.CheckpointError` (one line) for a missing,
     corrupt or mismatched checkpoint, and ``ValueError`` for a bad direction/device.
     """
     direction = _check_direction(direction)
     dev = resolve_device(device)
+    chosen_engine = resolve_engine(engine, dev)
     if str(checkpoint) == "default":
         ckpt: Path = default_checkpoint(direction or "t1-to-t2")
     else:
@@ -136,11 +142,19 @@ def load_model(checkpoint: str | Path, direction: str | None = None, device: str
         if direction is not None and direction != chosen:
             raise CheckpointError(f"checkpoint {ckpt}: is a {chosen} model, not {direction}")
         output_scale = float(meta.get("output_scale", 1000.0))
+    try:
+        input_norm = parse_input_norm((meta.get("input_normalization") or {}).get("method"))
+    except DataError as exc:
+        raise CheckpointError(f"checkpoint {ckpt}: {exc}") from None
     net = build_network(opts)
     load_into(net, state, str(ckpt))
     net.eval()
     _fuse_batchnorm(net)
     net.to(dev)
+    if chosen_engine is Engine.ONNXRUNTIME:
+        stem = str(wpath)[: -len(".safetensors")]
+        net = onnx_module(net, opts.in_slices, meta["_weights_sha256"],
+                          None if opts.architecture is Architecture.CYCLEGAN else Path(stem + ".onnx"))
     output_max = int(round(output_scale))
     name = str(meta.get("name") or f"dicomnode-{opts.architecture.value}-{chosen}")
     version = str(meta.get("version") or "0")
@@ -150,7 +164,8 @@ def load_model(checkpoint: str | Path, direction: str | None = None, device: str
     h.update(chosen.encode())
     identity = f"{name}-{version}-{h.hexdigest()[:16]}"
     window = (output_max / 2.0, float(output_max))
-    return LoadedModel(chosen, name, version, identity, output_max, window, meta, net, opts, dev, output_scale)
+    return LoadedModel(chosen, name, version, identity, output_max, window, meta, net, opts, dev, output_scale, input_norm,
+                       chosen_engine)
 
 
 @torch.inference_mode()
@@ -200,7 +215,7 @@ def synthesize(model: LoadedModel, data: np.ndarray, affine: np.ndarray, *, batc
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     canon, _ = to_canonical(arr.astype(np.float32, copy=False), aff)
     mask = head_mask(canon)
-    normed, _ = normalize(canon, mask)
+    normed = input_volume(canon, mask, model.input_norm)
     pred = predict_normalized(model.net, normed, model.options, batch_size=batch_size, device=model.device,
                               progress=progress)
     # outside the (slightly dilated) head of the input there is nothing to synthesize: background is 0
@@ -208,3 +223,18 @@ def synthesize(model: LoadedModel, data: np.ndarray, affine: np.ndarray, *, batc
     scaled = np.rint(pred * model.output_scale)
     np.clip(scaled, 0, model.output_max, out=scaled)
     return from_canonical(scaled.astype(np.uint16), aff)
+
+
+def write_onnx(checkpoint: str | Path) -> Path:
+    """Export a U-Net checkpoint's network (BatchNorm folded) to ``<stem>.onnx`` beside its weights,
+    recording the weights' digest, so ONNX Runtime inference starts without exporting again."""
+    from .checkpoint import checkpoint_paths
+    from .engine import export_onnx
+
+    model = load_model(checkpoint, device="cpu", engine=Engine.TORCH)
+    if model.options.architecture is not Architecture.UNET:
+        raise CheckpointError(f"checkpoint {checkpoint}: ONNX files are written for U-Nets only (a CycleGAN is exported in memory)")
+    wpath, _ = checkpoint_paths(checkpoint)
+    target = wpath.with_name(wpath.name[: -len(".safetensors")] + ".onnx")
+    export_onnx(model.net, model.options.in_slices, model.metadata["_weights_sha256"], target)
+    return target

@@ -10,6 +10,7 @@ interrupted epoch.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -27,12 +28,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from .checkpoint import CheckpointError, checkpoint_paths, package_version, save_checkpoint
-from .data import DataError, Subject, head_mask, discover_paired, load_subjects, slice_stack, split_names, useful_slices
+from .data import (DataError, InputNorm, Subject, discover_paired, head_mask, load_subjects, parse_input_norm, slice_stack,
+                   split_names, thick_stack, useful_slices)
+from .losses import Loss, parse_loss, training_loss
 from .inference import DIRECTIONS, predict_normalized, resolve_device
-from .metrics import NORMALIZATION_TEXT, compare
+from .metrics import NORMALIZATION_TEXT, QUALITY_TEXT, compare, quality, quality_mask
 from .networks import Architecture, NetworkOptions, build_discriminator, build_network, init_weights, parse_options
 
-__all__ = ["TrainConfig", "TrainError", "train"]
+__all__ = ["TrainConfig", "TrainError", "TrainResult", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,12 @@ class TrainConfig:
     name: str | None = None
     version: str = "1"
     val_every: int = 1
+    loss: str = "l1"  # "l1" | "l1+ssim"
+    ssim_weight: float = 1.0
+    input_norm: str = "percentile"  # "percentile" | "tissue-peak"
+    mri_augment: bool = False  # thick-slice 2-D acquisitions, bias fields, noise (on top of --augment)
+    time_budget: float | None = None  # minutes; stop cleanly with a resumable state after this long
+    log_every: float = 60.0  # seconds between plain progress lines (slices/s, ETA)
 
 
 # --------------------------------------------------------------------- utilities
@@ -156,8 +165,9 @@ def _load_data(cfg: TrainConfig) -> tuple[list[Subject], list[Subject]]:
 
 
 def _validate(gens: dict[str, nn.Module], opts: NetworkOptions, val: Sequence[Subject],
-              device: torch.device) -> dict[str, Any]:
-    """Per-direction mean and per-subject metrics on the held-out subjects."""
+              device: torch.device, input_norm: InputNorm = InputNorm.PERCENTILE) -> dict[str, Any]:
+    """Per-direction mean and per-subject metrics on the held-out subjects: the quality metric
+    (``q_psnr``, ``q_ssim``) and :func:`compare`'s figures."""
     results: dict[str, Any] = {}
     for direction, net in gens.items():
         src, tgt = ("T1", "T2") if direction == "t1-to-t2" else ("T2", "T1")
@@ -165,9 +175,11 @@ def _validate(gens: dict[str, nn.Module], opts: NetworkOptions, val: Sequence[Su
         net.eval()
         per: dict[str, dict[str, float]] = {}
         for s in val:
-            pred = predict_normalized(net, s.image(src), opts, batch_size=16, device=device)
+            pred = predict_normalized(net, s.input_image(src, input_norm), opts, batch_size=16, device=device)
             pred[~ndimage.binary_dilation(head_mask(s.image(src)), iterations=2)] = 0.0  # as synthesize() does
             per[s.name] = compare(pred, s.image(tgt), s.mask)
+            q = quality(pred, s.image(tgt), quality_mask(s.image(tgt), s.image(src)))
+            per[s.name].update({"q_psnr": q["psnr"], "q_ssim": q["ssim"]})
         net.train(was_training)
         if per:
             keys = next(iter(per.values())).keys()
@@ -191,8 +203,9 @@ def _data_summary(train: Sequence[Subject], val: Sequence[Subject], cfg: TrainCo
 # --------------------------------------------------------------------- main entry
 
 
-def train(cfg: TrainConfig, *, on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> Path:
-    """Run (or resume) a training; returns the checkpoint folder."""
+def train(cfg: TrainConfig, *, on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+    """Run (or resume) a training; returns where the checkpoint is and whether it finished
+    (``finished`` is false when the time budget stopped it: continue with ``resume=True``)."""
     if cfg.model not in ("unet", "cyclegan"):
         raise TrainError(f"--model: {cfg.model!r} is not one of unet, cyclegan")
     if cfg.direction not in DIRECTIONS:
@@ -277,12 +290,78 @@ def _base_meta(cfg: TrainConfig, opts: NetworkOptions, train: Sequence[Subject],
             **_data_summary(train, val, cfg),
         },
         "metrics_normalization": NORMALIZATION_TEXT,
+        "quality_metric": QUALITY_TEXT,
     }
 
 
+def mri_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """What scanners do to an input that flips and affines do not: a smooth multiplicative bias
+    field (a random second-order polynomial in the exponent, about +-20 % across the patch) and
+    Gaussian noise (sigma up to 3 % of the input's tissue level) on the tissue (input > 0)."""
+    n, _, h, w = x.shape
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    basis = torch.stack([xx, yy, xx * xx, yy * yy, xx * yy])  # (5, H, W)
+    coef = (torch.rand(n, 5, generator=gen) - 0.5) * 0.4
+    field = torch.exp(torch.einsum("nk,khw->nhw", coef, basis)).unsqueeze(1)
+    sigma = 0.03 * torch.rand(n, 1, 1, 1, generator=gen)
+    noise = torch.randn(x.shape, generator=gen) * sigma
+    tissue = (x > 0).to(x.dtype)
+    return (x * field + noise * tissue).clamp(min=0)
+
+
+def _step_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+@dataclass
+class TrainResult:
+    """Where the checkpoint is and whether the run finished or stopped on its time budget."""
+
+    out: Path
+    finished: bool
+    epochs_completed: int
+    step_in_epoch: int = 0
+
+
+class _Pacer:
+    """Plain progress lines (slices/s, ETA) every *every* seconds, and the time budget."""
+
+    def __init__(self, total_steps: int, done_steps: int, batch: int, world: int, every: float,
+                 budget_minutes: float | None) -> None:
+        self.total, self.done, self.batch, self.world, self.every = total_steps, done_steps, batch, world, every
+        self.t0 = self.last = time.monotonic()
+        self.start_done = done_steps
+        self.deadline = None if budget_minutes is None else self.t0 + 60.0 * budget_minutes
+
+    def step(self, info: str) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if self.every > 0 and now - self.last >= self.every:
+            self.last = now
+            rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            log.info("step %d/%d, %.1f slices/s, ETA %s, %s", self.done, self.total, rate * self.batch * self.world,
+                     _hms(eta), info)
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, rank: int, world: int,
-                on_epoch: Callable[[int, dict[str, Any]], None] | None) -> Path:
+                on_epoch: Callable[[int, dict[str, Any]], None] | None) -> TrainResult:
     src, tgt = ("T1", "T2") if cfg.direction == "t1-to-t2" else ("T2", "T1")
+    try:
+        loss_kind = parse_loss(cfg.loss)
+        input_norm = parse_input_norm(cfg.input_norm)
+    except (ValueError, DataError) as exc:
+        raise TrainError(str(exc)) from None
     train_s, val_s = _load_data(cfg)
     torch.manual_seed(cfg.seed + rank)
     net = build_network(opts).to(device)
@@ -291,22 +370,33 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, ra
     samples = [(i, k) for i, s in enumerate(train_s) for k in useful_slices(s.mask)]
     if not samples:
         raise TrainError("training subjects have no usable slices (empty head masks)")
+    if rank == 0:
+        for s in train_s:
+            log.info("training subject %s: %d slices, voxel %s mm", s.name, len(useful_slices(s.mask)),
+                     "x".join(f"{v:.2g}" for v in s.spacing))
+        for s in val_s:
+            log.info("validation subject %s", s.name)
+    inputs = [s.input_image(src, input_norm) for s in train_s]
     steps = cfg.steps_per_epoch or max(1, len(samples) // (cfg.batch_size * world))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps, eta_min=lr * 0.02)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     history: list[dict[str, Any]] = []
-    start_epoch = 0
+    start_epoch, start_step = 0, 0
     state = _resume_state(cfg)
     if state is not None:
         if state.get("model") != "unet" or state.get("direction") != cfg.direction or state.get("network") != opts.to_dict():
             raise TrainError(f"--resume: {cfg.out} was trained with other settings (model/direction/network differ)")
+        if state.get("recipe", _recipe(cfg)) != _recipe(cfg):
+            raise TrainError(f"--resume: {cfg.out} was trained with another recipe ({state.get('recipe')})")
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         history = state["history"]
-        start_epoch = int(state["epoch"])
+        start_epoch, start_step = int(state["epoch"]), int(state.get("step", 0))
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
         if rank == 0:
-            log.info("resuming %s at epoch %d", cfg.out, start_epoch + 1)
+            log.info("resuming %s at epoch %d, step %d", cfg.out, start_epoch + 1, start_step)
     ddp_net: nn.Module = net
     if world > 1:
         ddp_net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -315,32 +405,55 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, ra
         "name": cfg.name or f"dicomnode-unet-{cfg.direction}",
         "direction": cfg.direction,
         "output_scale": _output_scale(train_s, tgt),
+        "input_normalization": {"method": input_norm.value},
     })
     meta["output_max"] = int(round(meta["output_scale"]))
     meta["window"] = [meta["output_max"] / 2.0, float(meta["output_max"])]
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    completed = start_epoch  # epochs whose state is saved
-    with _progress(rank == 0) as prog:
-        task = prog.add_task("train", total=(cfg.epochs - start_epoch) * steps, info="")
+    meta["training"].update(_recipe(cfg))
+    meta["training"]["compute_seconds"] = float((state or {}).get("compute_seconds", 0.0))
+
+    def snapshot(epoch: int, step: int) -> dict[str, Any]:
+        return {"model": "unet", "direction": cfg.direction, "network": opts.to_dict(), "recipe": _recipe(cfg),
+                "net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "history": history,
+                "epoch": epoch, "step": step, "torch_rng": torch.get_rng_state(),
+                "compute_seconds": meta["training"]["compute_seconds"]}
+
+    pacer = _Pacer(cfg.epochs * steps, start_epoch * steps + start_step, cfg.batch_size, world, cfg.log_every,
+                   cfg.time_budget)
+    run_t0 = time.monotonic()
+    base_compute = meta["training"]["compute_seconds"]
+    completed, step_in = start_epoch, start_step
+    interactive = rank == 0 and _is_terminal()
+    with _progress(interactive) as prog:
+        task = prog.add_task("train", total=cfg.epochs * steps, completed=start_epoch * steps + start_step, info="")
         try:
             for epoch in range(start_epoch, cfg.epochs):
                 ddp_net.train()
                 order = _epoch_order(len(samples), epoch, cfg.seed, rank, world, steps, cfg.batch_size)
-                rng = np.random.default_rng([cfg.seed, epoch, rank])
                 t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-                for step in range(steps):
+                first = start_step if epoch == start_epoch else 0
+                for step in range(first, steps):
+                    rng = np.random.default_rng([cfg.seed, epoch, rank, step])
+                    gen = torch.Generator().manual_seed(_step_seed(cfg.seed, epoch, rank, step))
                     chosen = [samples[j] for j in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
-                    xs = [slice_stack(train_s[i].image(src), k, opts.context_slices) for i, k in chosen]
-                    ys = [slice_stack(train_s[i].image(tgt), k, 0) for i, k in chosen]
+                    xs, ys = [], []
+                    for i, k in chosen:
+                        thick = 1
+                        if cfg.mri_augment and train_s[i].spacing[2] < 2.0 and rng.random() < 0.5:
+                            thick = int(rng.integers(2, 6))  # simulate a 2-5 mm 2-D acquisition from 1 mm data
+                        xs.append(thick_stack(inputs[i], k, opts.context_slices, thick))
+                        ys.append(thick_stack(train_s[i].image(tgt), k, 0, thick))
                     ms = [train_s[i].mask[:, :, k] for i, k in chosen]
                     xb, yb = _crop_batch(xs, ys, ms, cfg.crop, rng)
                     x, y = torch.from_numpy(xb), torch.from_numpy(yb).clamp(0, 1)
                     if cfg.augment:
                         x, y = augment(x, y, gen)
+                    if cfg.mri_augment:
+                        x = mri_augment(x, gen)
                     x, y = x.to(device), y.to(device)
                     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda"):
                         pred = ddp_net(x)
-                        loss = F.l1_loss(pred.float(), y)
+                    loss = training_loss(loss_kind, pred.float(), y, cfg.ssim_weight)
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(opt)
@@ -348,44 +461,92 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, ra
                     sched.step()
                     seen += x.shape[0]
                     loss_sum += loss.item()
-                    prog.update(task, advance=1, info=f"epoch {epoch + 1}/{cfg.epochs} L1 {loss_sum / (step + 1):.4f}")
+                    step_in = step + 1
+                    info = f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / (step + 1 - first):.4f}"
+                    prog.update(task, advance=1, info=info)
+                    if rank == 0:
+                        pacer.step(info)
+                    if step + 1 < steps and pacer.out_of_time():
+                        raise _OutOfTime
                 elapsed = time.perf_counter() - t0
-                record: dict[str, Any] = {"epoch": epoch + 1, "train_l1": loss_sum / steps,
+                record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, steps - first),
                                           "train_slices_per_s": seen * world / elapsed, "seconds": elapsed}
+                if loss_kind is Loss.L1:
+                    record["train_l1"] = record["train_loss"]
                 if rank == 0:
                     if val_s and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
-                        record["validation"] = _validate({cfg.direction: net}, opts, val_s, device)
+                        record["validation"] = _validate({cfg.direction: net}, opts, val_s, device, input_norm)
                     history.append(record)
                     meta["validation"] = {"history": history, "last": history[-1].get("validation")}
                     meta["epochs_completed"] = epoch + 1
+                    meta["training"]["compute_seconds"] = base_compute + time.monotonic() - run_t0
                     save_checkpoint(Path(cfg.out), net.state_dict(), meta)
-                    _write_resume(cfg, {"model": "unet", "direction": cfg.direction, "network": opts.to_dict(),
-                                        "net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                        "history": history, "epoch": epoch + 1})
-                    completed = epoch + 1
+                    completed, step_in = epoch + 1, 0
+                    _write_resume(cfg, snapshot(completed, 0))
                     _log_epoch(record)
                     if on_epoch:
                         on_epoch(epoch + 1, record)
+                completed, step_in = epoch + 1, 0
                 if world > 1:
                     dist.barrier()
+                if epoch + 1 < cfg.epochs and pacer.out_of_time():
+                    raise _OutOfTime
+        except _OutOfTime:
+            if rank == 0:
+                meta["training"]["compute_seconds"] = base_compute + time.monotonic() - run_t0
+                meta["epochs_completed"] = completed
+                meta["unfinished"] = {"epoch": completed + 1, "step": step_in}
+                save_checkpoint(Path(cfg.out), net.state_dict(), meta)
+                _write_resume(cfg, snapshot(completed, step_in))
+                log.warning("time budget of %s min used: state saved in %s at epoch %d step %d/%d; "
+                            "continue with --resume", cfg.time_budget, cfg.out, completed + 1, step_in, steps)
+            return TrainResult(Path(cfg.out), False, completed, step_in)
         except KeyboardInterrupt:
             if rank == 0:
-                _write_resume(cfg, {"model": "unet", "direction": cfg.direction, "network": opts.to_dict(),
-                                    "net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                    "history": history,
-                                    "epoch": completed})
-                log.warning("interrupted: state saved in %s; rerun with --resume to continue at epoch %d", cfg.out, completed + 1)
+                meta["training"]["compute_seconds"] = base_compute + time.monotonic() - run_t0
+                _write_resume(cfg, snapshot(completed, step_in))
+                log.warning("interrupted: state saved in %s; rerun with --resume to continue at epoch %d step %d",
+                            cfg.out, completed + 1, step_in)
             raise
-    return Path(cfg.out)
+    if rank == 0:
+        _export_onnx(Path(cfg.out))
+    return TrainResult(Path(cfg.out), True, completed)
+
+
+def _export_onnx(folder: Path) -> None:
+    """ONNX graph beside the finished checkpoint (ONNX Runtime inference on CPU); optional."""
+    try:
+        from .inference import write_onnx
+
+        log.info("ONNX export: %s", write_onnx(folder))
+    except ImportError as exc:  # onnx not installed: inference exports in memory or runs torch
+        log.warning("no ONNX export (%s)", exc)
+
+
+class _OutOfTime(Exception):
+    """The time budget is used up (internal control flow of the training loops)."""
+
+
+def _recipe(cfg: TrainConfig) -> dict[str, Any]:
+    """The training choices a resumed run must share with the run it continues (``--epochs`` may grow)."""
+    return {"loss": cfg.loss, "ssim_weight": cfg.ssim_weight, "input_norm": cfg.input_norm,
+            "mri_augment": cfg.mri_augment, "augment": cfg.augment, "crop": cfg.crop, "batch_size": cfg.batch_size,
+            "steps_per_epoch": cfg.steps_per_epoch, "seed": cfg.seed}
+
+
+def _is_terminal() -> bool:
+    import sys
+
+    return sys.stderr.isatty()
 
 
 def _log_epoch(record: dict[str, Any]) -> None:
-    losses = (f"train L1 {record['train_l1']:.4f}" if "train_l1" in record
+    losses = (f"train loss {record['train_loss']:.4f}" if "train_loss" in record
               else f"loss G {record.get('loss_g', float('nan')):.3f} D {record.get('loss_d', float('nan')):.3f}")
     parts = [f"epoch {record['epoch']}", losses, f"{record['train_slices_per_s']:.1f} slices/s"]
     for direction, v in (record.get("validation") or {}).items():
         m = v["mean"]
-        parts.append(f"{direction} val PSNR {m['psnr_masked']:.2f} dB SSIM {m['ssim_masked']:.3f} (masked)")
+        parts.append(f"{direction} val quality PSNR {m['q_psnr']:.2f} dB SSIM {m['q_ssim']:.3f}")
     log.info(", ".join(parts))
 
 
@@ -440,7 +601,7 @@ def _unpaired_collections(cfg: TrainConfig) -> tuple[dict[str, list[tuple[np.nda
 
 
 def _train_cyclegan(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, rank: int, world: int,
-                    on_epoch: Callable[[int, dict[str, Any]], None] | None) -> Path:
+                    on_epoch: Callable[[int, dict[str, Any]], None] | None) -> TrainResult:
     """Unpaired CycleGAN: T1 and T2 slices are drawn independently (pairing is never used
     for training, only for validation metrics)."""
     if world > 1:
@@ -580,4 +741,71 @@ def _train_cyclegan(cfg: TrainConfig, opts: NetworkOptions, device: torch.device
             _write_resume(cfg, snapshot(completed))
             log.warning("interrupted: state saved in %s; rerun with --resume to continue at epoch %d", cfg.out, completed + 1)
             raise
-    return Path(cfg.out)
+    return TrainResult(Path(cfg.out), True, completed)
+
+
+# --------------------------------------------------------------------- cross-validation
+
+FOLDS_FILE = "folds.json"
+
+
+def _fold_finished(folder: Path, epochs: int) -> bool:
+    meta_path = folder / "model.json"
+    if not meta_path.is_file():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return "unfinished" not in meta and int(meta.get("epochs_completed", 0)) >= epochs
+
+
+def train_folds(cfg: TrainConfig, folds: int | None, *, only: Sequence[int] = ()) -> list[TrainResult]:
+    """Subject-wise k-fold cross-validation: one model per fold in ``OUT/fold-<i>/``, each
+    validated on its held-out patients; ``OUT/folds.json`` records the split.  ``folds=None``
+    leaves one patient out per fold.  The time budget covers the whole call; with
+    ``cfg.resume`` finished folds are kept and an unfinished one continues."""
+    from dataclasses import replace
+
+    from .folds import FoldError, real_subjects, subject_folds
+
+    if cfg.val_subjects:
+        raise TrainError("--folds: the folds choose the held-out subjects; leave out --val-subjects")
+    names = [f.name for f in discover_paired(cfg.data) if f.name not in set(cfg.exclude_subjects)]
+    subjects = real_subjects(names)
+    templates = tuple(n for n in names if n not in subjects)
+    try:
+        split = subject_folds(subjects, folds, seed=cfg.seed)
+    except FoldError as exc:
+        raise TrainError(str(exc)) from None
+    unknown = sorted(set(only) - {f.index for f in split})
+    if unknown:
+        raise TrainError(f"--fold: {unknown[0]} is not one of 1..{len(split)}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"folds": [{"fold": f.index, "train": list(f.train), "val": list(f.val)} for f in split],
+              "seed": cfg.seed, "excluded": list(cfg.exclude_subjects) + list(templates)}
+    (out / FOLDS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    deadline = None if cfg.time_budget is None else time.monotonic() + 60.0 * cfg.time_budget
+    results = []
+    for fold in split:
+        if only and fold.index not in only:
+            continue
+        folder = out / fold.name
+        if cfg.resume and _fold_finished(folder, cfg.epochs):
+            log.info("%s: finished earlier, kept", fold.name)
+            results.append(TrainResult(folder, True, cfg.epochs))
+            continue
+        budget = None if deadline is None else max(0.0, (deadline - time.monotonic()) / 60.0)
+        if budget is not None and budget <= 0:
+            results.append(TrainResult(folder, False, 0))
+            break
+        log.info("%s: held out %s", fold.name, ", ".join(fold.val))
+        sub = replace(cfg, out=folder, val_subjects=fold.val, exclude_subjects=tuple(cfg.exclude_subjects) + templates,
+                      resume=cfg.resume and (folder / RESUME_FILE).is_file(), time_budget=budget,
+                      name=(cfg.name or f"dicomnode-{cfg.model}-{cfg.direction}") + f"-{fold.name}")
+        result = train(sub)
+        results.append(result)
+        if not result.finished:
+            break
+    return results
