@@ -1,6 +1,10 @@
 """Inference and training throughput of the default ml model; writes BENCHMARKS.md sections.
 
-Usage: ``python benchmarks/inference.py [--device cpu|cuda] [--write BENCHMARKS.md]``
+Usage: ``python benchmarks/inference.py [--device cpu|cuda] [--checkpoint DIR] [--write BENCHMARKS.md]``
+
+On CPU the engines run side by side in one run: torch eager, torch with a
+channels_last network, and ONNX Runtime (``model.engine = "auto"`` picks the
+latter on CPU).
 
 Only the ``## Inference (ml)`` and ``## Training throughput (ml)`` sections of
 the file are replaced (other sections belong to other benchmarks).
@@ -16,6 +20,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,9 +39,21 @@ def _volume(shape: tuple[int, int, int]) -> np.ndarray:
     return (vol + rng.normal(0, 20, shape) * head[:, :, None]).astype(np.float32)
 
 
-def bench_inference(device: str, sizes: list[tuple[int, int, int]], repeats: int = 3) -> list[dict[str, float]]:
+ENGINES = ("torch", "torch-channels-last", "onnxruntime")
+
+
+def _model(checkpoint: str, device: str, engine: str):  # type: ignore[no-untyped-def]
+    if engine == "torch-channels-last":
+        model = load_model(checkpoint, "t1-to-t2", device=device, engine="torch")
+        model.net = model.net.to(memory_format=torch.channels_last)
+        return model
+    return load_model(checkpoint, "t1-to-t2", device=device, engine=engine)
+
+
+def bench_inference(device: str, sizes: list[tuple[int, int, int]], repeats: int = 3, checkpoint: str = "default",
+                    engine: str = "torch") -> list[dict[str, Any]]:
     rows = []
-    model = load_model("default", "t1-to-t2", device=device)
+    model = _model(checkpoint, device, engine)
     for shape in sizes:
         vol = _volume(shape)
         aff = np.diag([-0.7, -0.7, 3.0, 1.0])
@@ -49,7 +66,8 @@ def bench_inference(device: str, sizes: list[tuple[int, int, int]], repeats: int
             synthesize(model, vol, aff)
             times.append(time.perf_counter() - t0)
         best = min(times)
-        rows.append({"shape": shape, "seconds": best, "median": float(np.median(times)), "slices_per_s": shape[2] / best})
+        rows.append({"shape": shape, "engine": engine, "seconds": best, "median": float(np.median(times)),
+                     "slices_per_s": shape[2] / best})
     return rows
 
 
@@ -113,6 +131,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--write", type=Path, default=None, help="BENCHMARKS.md to update")
+    ap.add_argument("--checkpoint", default="default", help="T1->T2 checkpoint (default: the shipped one)")
     args = ap.parse_args()
     dev = args.device
     threads = torch.get_num_threads()
@@ -120,18 +139,20 @@ def main() -> None:
     sizes = [(256, 256, 48), (320, 320, 48)]
     if dev.startswith("cuda"):
         sizes.append((256, 256, 176))
-    inf = bench_inference(dev, sizes)
+    engines = ENGINES if dev == "cpu" else ("torch",)
+    inf = [row for e in engines for row in bench_inference(dev, sizes, checkpoint=args.checkpoint, engine=e)]
     tr = bench_training(dev)
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     hw = machine() if dev == "cpu" else torch.cuda.get_device_name(0)
-    lines = [f"Default model `ml/weights/unet-t1-to-t2` (U-Net, {load_model('default', 't1-to-t2', device=dev).metadata['network']}),",
+    meta = load_model(args.checkpoint, 't1-to-t2', device=dev).metadata
+    lines = [f"Model `{meta.get('name')}` {meta.get('version')} (U-Net, {meta['network']}),",
              f"full `ml.inference.synthesize` path (reorientation, mask, normalization, network, uint16 output), best of 3.",
              "", f"Machine: {hw}; device {dev}; torch {torch.__version__}, {threads} threads; {when}; "
              f"1-min load average {load:.1f} at start (the 2 cores are shared with other work, so these are conservative).", "",
-             "| volume (i x j x slices) | seconds | slices/s |", "|---|---|---|"]
+             "| volume (i x j x slices) | engine | seconds | slices/s |", "|---|---|---|---|"]
     for r in inf:
         s = r["shape"]
-        lines.append(f"| {s[0]}x{s[1]}x{s[2]} | {r['seconds']:.2f} | {r['slices_per_s']:.1f} |")
+        lines.append(f"| {s[0]}x{s[1]}x{s[2]} | {r['engine']} | {r['seconds']:.2f} | {r['slices_per_s']:.1f} |")
     lines.append("")
     lines.append("Target: a 48-slice 320x320 series in <= 10 s on 2 CPU cores.")
     tlines = [f"Machine: {hw}; device {dev}; {threads} threads; {when}; load average {load:.1f} at start.", "",

@@ -16,7 +16,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -29,7 +29,10 @@ from .data import DataError, InputNorm, from_canonical, head_mask, input_volume,
 from .engine import Engine, onnx_module, resolve_engine
 from .networks import Architecture, NetworkOptions, OptionError, build_network, parse_options
 
-__all__ = ["DIRECTIONS", "LoadedModel", "WEIGHTS_DIR", "default_checkpoint", "load_model", "predict_normalized", "write_onnx",
+if TYPE_CHECKING:
+    from .qc import QCResult
+
+__all__ = ["DIRECTIONS", "assess", "LoadedModel", "WEIGHTS_DIR", "default_checkpoint", "load_model", "predict_normalized", "write_onnx",
            "resolve_device", "synthesize"]
 
 log = logging.getLogger(__name__)
@@ -238,3 +241,52 @@ def write_onnx(checkpoint: str | Path) -> Path:
     target = wpath.with_name(wpath.name[: -len(".safetensors")] + ".onnx")
     export_onnx(model.net, model.options.in_slices, model.metadata["_weights_sha256"], target)
     return target
+
+
+@torch.inference_mode()
+def _predict_stacks(model: LoadedModel, stacks: np.ndarray, batch_size: int) -> np.ndarray:
+    """(N, C, X, Y) normalized input stacks -> (N, X, Y) normalized predictions in [0, 1]."""
+    n, _, nx, ny = stacks.shape
+    m = model.options.multiple
+    px, py = (-nx) % m, (-ny) % m
+    out = np.empty((n, nx, ny), dtype=np.float32)
+    for start in range(0, n, batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(stacks[start : start + batch_size])).to(model.device, torch.float32)
+        if px or py:
+            x = F.pad(x, (py // 2, py - py // 2, px // 2, px - px // 2))
+        with torch.autocast(device_type=model.device.type, dtype=torch.float16, enabled=model.device.type == "cuda"):
+            y = model.net(x)
+        out[start : start + len(x)] = y[:, 0, px // 2 : px // 2 + nx, py // 2 : py // 2 + ny].float().clamp_(0, 1).cpu().numpy()
+    return out
+
+
+def assess(model: LoadedModel, data: np.ndarray, affine: np.ndarray, *, batch_size: int = 16,
+           every: int = 4) -> "QCResult":
+    """Quality control of synthesizing *data* with *model*: the input against the checkpoint's
+    training reference (``qc_reference``; skipped when the checkpoint has none) and the
+    left-right flip disagreement on every *every*-th slice (both predictions of those slices:
+    about ``2 / every`` of the inference cost, 50 % with the default).  Verdict thresholds: :mod:`ml.qc`."""
+    from .qc import Check, Verdict, check_input, flip_disagreement, summarize
+
+    arr = np.asarray(data, dtype=np.float32)
+    aff = np.asarray(affine, dtype=np.float64)
+    canon, canon_aff = to_canonical(arr, aff)
+    mask = head_mask(canon)
+    normed = input_volume(canon, mask, model.input_norm)
+    checks: list[Check] = []
+    reference = model.metadata.get("qc_reference")
+    if reference:
+        checks += check_input((normed, mask, canon_aff, aff), reference)
+    ks = [int(k) for k in range(0, normed.shape[2], max(1, every)) if mask[:, :, k].any()]
+    if ks:
+        stacks = np.stack([slice_stack(normed, k, model.options.context_slices) for k in ks])  # (N, C, X, Y)
+        pred = _predict_stacks(model, stacks, batch_size)
+        flipped = _predict_stacks(model, np.ascontiguousarray(stacks[:, :, ::-1]), batch_size)[:, ::-1]
+        pred, flipped = np.moveaxis(pred, 0, 2), np.moveaxis(flipped, 0, 2)
+        value = flip_disagreement(pred, np.ascontiguousarray(flipped), mask[:, :, ks])
+        warn, fail = 0.10, 0.25
+        verdict = Verdict.FAIL if value > fail else Verdict.WARN if value > warn else Verdict.PASS
+        checks.append(Check("flip_disagreement", value, f"warn > {warn}, fail > {fail}", verdict,
+                            "" if verdict is Verdict.PASS else
+                            f"unstable prediction (mirrored input changes it by {100 * value:.0f} %)"))
+    return summarize(checks)

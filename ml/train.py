@@ -410,6 +410,10 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, ra
     meta["output_max"] = int(round(meta["output_scale"]))
     meta["window"] = [meta["output_max"] / 2.0, float(meta["output_max"])]
     meta["training"].update(_recipe(cfg))
+    from .qc import input_reference
+
+    meta["qc_reference"] = input_reference([(x, head_mask(s.image(src)), s.affine, s.affine)  # training data: axial
+                                            for x, s in zip(inputs, train_s)])
     meta["training"]["compute_seconds"] = float((state or {}).get("compute_seconds", 0.0))
 
     def snapshot(epoch: int, step: int) -> dict[str, Any]:

@@ -1,0 +1,157 @@
+"""Quality control of a synthesis: is the input like what the model was trained on, and is the
+prediction stable?
+
+Each check has a name, a value, a threshold and a verdict (``pass``, ``warn``, ``fail``); the
+summary verdict is the worst of them, with the reasons of every check that did not pass.
+
+* **Input against the training distribution** (:func:`input_reference` at training time, stored
+  in the checkpoint metadata as ``qc_reference``; :func:`check_input` at inference): the
+  histogram of the network input inside the head mask (the harmonised intensities the network
+  sees), the head-mask volume fraction, the in-plane voxel size, the slice thickness, the in-plane
+  size and the slice orientation.
+* **Prediction stability** (:func:`flip_disagreement`): the prediction on the left-right mirrored
+  input, mirrored back, compared with the prediction (test-time augmentation); a brain is nearly
+  symmetric, so a model that has learnt the contrast gives nearly the same image.
+
+Header facts that change the contrast (contrast agent, FLAIR-like inversion) are DICOM-side
+checks and live with the node's QC stage.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["Check", "QCResult", "Verdict", "check_input", "flip_disagreement", "input_reference", "summarize"]
+
+BINS = 64
+HIST_RANGE = (0.0, 4.0)  # the harmonised input range (ml.data.INPUT_CLIP)
+
+
+class Verdict(str, enum.Enum):
+    PASS = "pass"
+    WARN = "warn"
+    FAIL = "fail"
+
+    @property
+    def rank(self) -> int:
+        return {"pass": 0, "warn": 1, "fail": 2}[self.value]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    value: float
+    threshold: str
+    verdict: Verdict
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "threshold": self.threshold, "verdict": self.verdict.value, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class QCResult:
+    verdict: Verdict
+    reasons: tuple[str, ...]
+    checks: tuple[Check, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"verdict": self.verdict.value, "reasons": list(self.reasons),
+                "checks": {c.name: c.to_dict() for c in self.checks}}
+
+
+def summarize(checks: Sequence[Check]) -> QCResult:
+    worst = max((c.verdict for c in checks), key=lambda v: v.rank, default=Verdict.PASS)
+    return QCResult(worst, tuple(c.reason for c in checks if c.verdict is not Verdict.PASS), tuple(checks))
+
+
+def _histogram(normed: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    h, _ = np.histogram(np.clip(normed[mask], *HIST_RANGE), bins=BINS, range=HIST_RANGE)
+    total = h.sum()
+    return h / total if total else h.astype(np.float64)
+
+
+def _w1(p: np.ndarray, q: np.ndarray) -> float:
+    """Wasserstein-1 distance of two histograms on the same bins, in input units."""
+    width = (HIST_RANGE[1] - HIST_RANGE[0]) / BINS
+    return float(np.abs(np.cumsum(p) - np.cumsum(q)).sum() * width)
+
+
+def _axial_angle(affine: np.ndarray) -> float:
+    """Degrees between the slice normal (third array axis) and the patient's head-foot axis."""
+    normal = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
+    return float(np.degrees(np.arccos(min(1.0, abs(normal[2])))))
+
+
+def _facts(normed: np.ndarray, mask: np.ndarray, affine: np.ndarray, acquisition: np.ndarray) -> dict[str, Any]:
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    return {"histogram": _histogram(normed, mask), "mask_fraction": float(mask.mean()),
+            "in_plane_mm": float(max(zooms[0], zooms[1])), "thickness_mm": float(zooms[2]),
+            "in_plane_size": int(max(normed.shape[0], normed.shape[1])), "axial_angle": _axial_angle(acquisition)}
+
+
+Volume = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""(network input, head mask, canonical affine, acquisition affine): the input as the network sees it (canonical
+axes, axis 2 axial) and the affine of the array as acquired (its third axis is the slice direction)."""
+
+
+def input_reference(volumes: Sequence[Volume]) -> dict[str, Any]:
+    """Compact reference of the training inputs."""
+    if not volumes:
+        raise ValueError("input_reference: no training volumes")
+    facts = [_facts(*v) for v in volumes]
+    mean = np.mean([f["histogram"] for f in facts], axis=0)
+    spread = max(_w1(f["histogram"], mean) for f in facts)
+    def rng(key: str) -> list[float]:
+        return [float(min(f[key] for f in facts)), float(max(f[key] for f in facts))]
+    return {"histogram": [float(x) for x in mean], "histogram_range": list(HIST_RANGE),
+            "histogram_w1_max": float(spread), "mask_fraction": rng("mask_fraction"),
+            "in_plane_mm": rng("in_plane_mm"), "thickness_mm": rng("thickness_mm"),
+            "in_plane_size": rng("in_plane_size"), "axial_angle_max": float(max(f["axial_angle"] for f in facts)),
+            "n_volumes": len(facts)}
+
+
+def _range_check(name: str, value: float, lo: float, hi: float, slack: float, what: str, unit: str) -> Check:
+    lo_s, hi_s = lo / slack, hi * slack
+    ok = lo_s <= value <= hi_s
+    return Check(name, value, f"[{lo_s:.3g}, {hi_s:.3g}]{unit}", Verdict.PASS if ok else Verdict.WARN,
+                 "" if ok else f"{what} {value:.3g}{unit} outside the training range {lo:.3g}-{hi:.3g}{unit}")
+
+
+def check_input(volume: Volume, reference: Mapping[str, Any]) -> list[Check]:
+    """Compare one input with the training reference."""
+    f = _facts(*volume)
+    ref_hist = np.asarray(reference["histogram"], dtype=np.float64)
+    w1 = _w1(f["histogram"], ref_hist)
+    base = max(float(reference["histogram_w1_max"]), 0.05)
+    warn, fail = 1.5 * base, 3.0 * base
+    verdict = Verdict.FAIL if w1 > fail else Verdict.WARN if w1 > warn else Verdict.PASS
+    checks = [Check("intensity_histogram", w1, f"warn > {warn:.3g}, fail > {fail:.3g}", verdict,
+                    "" if verdict is Verdict.PASS else
+                    f"input intensities unlike the training data (histogram distance {w1:.3g}, training at most {base:.3g})")]
+    checks.append(_range_check("head_fraction", f["mask_fraction"], *reference["mask_fraction"], 1.5,
+                               "head mask fraction", ""))
+    checks.append(_range_check("in_plane_voxel", f["in_plane_mm"], *reference["in_plane_mm"], 1.5, "in-plane voxel",
+                               " mm"))
+    checks.append(_range_check("slice_thickness", f["thickness_mm"], *reference["thickness_mm"], 1.5,
+                               "slice spacing", " mm"))
+    checks.append(_range_check("in_plane_size", f["in_plane_size"], *reference["in_plane_size"], 2.0,
+                               "in-plane size", " px"))
+    limit = max(30.0, float(reference["axial_angle_max"]) + 15.0)
+    angle_ok = f["axial_angle"] <= limit
+    checks.append(Check("orientation", f["axial_angle"], f"<= {limit:.0f} deg from axial",
+                        Verdict.PASS if angle_ok else Verdict.WARN,
+                        "" if angle_ok else f"slices {f['axial_angle']:.0f} deg from axial (trained on axial slices)"))
+    return checks
+
+
+def flip_disagreement(pred: np.ndarray, pred_flipped_back: np.ndarray, mask: np.ndarray) -> float:
+    """Mean absolute difference of the two predictions inside *mask*, relative to the mean prediction there."""
+    if not mask.any():
+        return 0.0
+    level = float(np.mean(pred[mask])) or 1.0
+    return float(np.mean(np.abs(pred[mask] - pred_flipped_back[mask])) / level)
