@@ -115,7 +115,8 @@ def input_reference(volumes: Sequence[Volume]) -> dict[str, Any]:
             "n_volumes": len(facts)}
 
 
-def _range_check(name: str, value: float, lo: float, hi: float, slack: float, what: str, unit: str) -> Check:
+def _range_check(name: str, value: float, bounds: Sequence[float], slack: float, what: str, unit: str) -> Check:
+    lo, hi = float(bounds[0]), float(bounds[1])
     lo_s, hi_s = lo / slack, hi * slack
     ok = lo_s <= value <= hi_s
     return Check(name, value, f"[{lo_s:.3g}, {hi_s:.3g}]{unit}", Verdict.PASS if ok else Verdict.WARN,
@@ -133,13 +134,13 @@ def check_input(volume: Volume, reference: Mapping[str, Any]) -> list[Check]:
     checks = [Check("intensity_histogram", w1, f"warn > {warn:.3g}, fail > {fail:.3g}", verdict,
                     "" if verdict is Verdict.PASS else
                     f"input intensities unlike the training data (histogram distance {w1:.3g}, training at most {base:.3g})")]
-    checks.append(_range_check("head_fraction", f["mask_fraction"], *reference["mask_fraction"], 1.5,
+    checks.append(_range_check("head_fraction", f["mask_fraction"], reference["mask_fraction"], 1.5,
                                "head mask fraction", ""))
-    checks.append(_range_check("in_plane_voxel", f["in_plane_mm"], *reference["in_plane_mm"], 1.5, "in-plane voxel",
+    checks.append(_range_check("in_plane_voxel", f["in_plane_mm"], reference["in_plane_mm"], 1.5, "in-plane voxel",
                                " mm"))
-    checks.append(_range_check("slice_thickness", f["thickness_mm"], *reference["thickness_mm"], 1.5,
+    checks.append(_range_check("slice_thickness", f["thickness_mm"], reference["thickness_mm"], 1.5,
                                "slice spacing", " mm"))
-    checks.append(_range_check("in_plane_size", f["in_plane_size"], *reference["in_plane_size"], 2.0,
+    checks.append(_range_check("in_plane_size", f["in_plane_size"], reference["in_plane_size"], 2.0,
                                "in-plane size", " px"))
     limit = max(30.0, float(reference["axial_angle_max"]) + 15.0)
     angle_ok = f["axial_angle"] <= limit
