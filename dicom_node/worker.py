@@ -128,7 +128,7 @@ class Worker:
 
     def _synthesize(self, job: ClaimedJob, direction: Direction, timings: dict[str, float]) -> list[Path]:
         from dicom_node import __version__
-        from dicom_node.build import ModelIdentity, build_synthetic_series, write_series
+        from dicom_node.build import ModelIdentity, Revision, build_synthetic_series, source_digest, write_series
         from dicom_node.volume import SeriesError, load_series
         from ml.inference import synthesize
 
@@ -146,6 +146,8 @@ class Worker:
             raise JobFailed(f"series rejected: {exc}") from None
         except Exception as exc:
             raise JobFailed(f"series could not be read: {type(exc).__name__}: {exc}") from None
+        # the output's UIDs follow this exact input: a grown or changed series gets a new synthetic series
+        revision = Revision(job.generation, source_digest(paths), self.ledger.previous_output(job.id))
         self._stage(timings, "loading", t0)
         self.ledger.job_running(job.id, self.name, timings)
 
@@ -167,7 +169,7 @@ class Worker:
             vol, pixels, direction=direction,
             model=ModelIdentity(name=model.name, version=model.version, identity=model.identity),
             output=self.cfg.output, node_ae_title=self.cfg.node.ae_title, window=model.window,
-            software_version=__version__, burned_in=self.cfg.output.burn_in_label,
+            software_version=__version__, burned_in=self.cfg.output.burn_in_label, revision=revision,
         )
         out_dir = self.output_root / f"job-{job.id}"
         for old in out_dir.glob("*.dcm") if out_dir.is_dir() else []:

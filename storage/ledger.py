@@ -416,8 +416,40 @@ class Ledger:
         )
 
     def job_done(self, job_id: int, worker: str, timings: dict[str, float]) -> bool:
-        return self._update_owned(job_id, worker, state=JobState.DONE.value, finished_at=utcnow(),
-                                  lease_expires_at=None, timings=timings, error=None)
+        """Finish a job; the finished jobs of older generations of its series (same direction) become superseded.
+
+        A job that finishes after a newer one of its series is superseded at once.
+        """
+        now = utcnow()
+        with self.session() as s, s.begin():
+            res = s.execute(update(Job).where(Job.id == job_id, Job.worker == worker).values(
+                state=JobState.DONE.value, finished_at=now, lease_expires_at=None, timings=timings, error=None))
+            if res.rowcount != 1:
+                return False
+            j = s.get(Job, job_id)
+            assert j is not None
+            same = and_(Job.series_id == j.series_id, Job.direction == j.direction, Job.id != j.id)
+            newer = s.scalars(select(Job).where(same, Job.state.in_([JobState.DONE.value, JobState.SUPERSEDED.value]),
+                                                Job.generation > j.generation).order_by(Job.id.desc()).limit(1)).first()
+            if newer is not None:
+                j.state = JobState.SUPERSEDED.value
+                j.error = f"superseded by job {newer.id} (synthetic series {newer.output_series_uid})"
+                return True
+            s.execute(update(Job).where(same, Job.generation <= j.generation,
+                                        Job.state.in_([JobState.DONE.value, JobState.FAILED.value]))
+                      .values(state=JobState.SUPERSEDED.value,
+                              error=f"superseded by job {j.id} (synthetic series {j.output_series_uid})"))
+            return True
+
+    def previous_output(self, job_id: int) -> str | None:
+        """The synthetic series of the latest earlier job of the same series and direction, if one was built."""
+        with self.session() as s:
+            j = s.get(Job, job_id)
+            if j is None:
+                return None
+            return s.scalar(select(Job.output_series_uid).where(
+                Job.series_id == j.series_id, Job.direction == j.direction, Job.id < j.id,
+                Job.output_series_uid.is_not(None), Job.output_series_uid != "").order_by(Job.id.desc()).limit(1))
 
     def job_failed(self, job_id: int, worker: str, error: str, timings: dict[str, float] | None = None) -> bool:
         values: dict[str, Any] = dict(state=JobState.FAILED.value, finished_at=utcnow(), lease_expires_at=None,

@@ -26,7 +26,9 @@ class JobState(str, enum.Enum):
     DELIVERING = "delivering"  # output built; sending (or waiting to retry)
     DONE = "done"
     FAILED = "failed"
-    SUPERSEDED = "superseded"  # the series grew before this job started; a newer job covers it
+    # a newer job covers it: the series grew before this job started, or a job of a later generation
+    # of the series (same direction) finished; its synthetic series is replaced by that job's (error names it)
+    SUPERSEDED = "superseded"
 
 
 ACTIVE_JOB_STATES = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.DELIVERING.value)
