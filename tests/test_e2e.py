@@ -174,20 +174,28 @@ def test_kill_9_during_inference_and_during_sending_still_delivers_exactly_one_s
             send(node, t1, tmp_path / "t1")
             uid = t1[0].SeriesInstanceUID
             job_of(node, uid, ("running",), timeout=60)
-            node.kill9()  # during loading/inference
+            killed = node.kill9()  # during loading/inference: serve and its worker die
+            assert killed and not slow.received
             node.start()
-            job_of(node, uid, ("delivering",), timeout=180)
+            delivering = job_of(node, uid, ("delivering",), timeout=180)
+            assert not delivering["worker"].endswith(tuple(f":{p}" for p in killed))  # a new worker resumed it
             deadline = time.monotonic() + 60
             while len(slow.received) < 4 and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert len(slow.received) >= 4  # the destination is sitting on instance 4
-            node.kill9()  # during sending
+            assert len(slow.received) == 4  # the destination is sitting on instance 4
+            sender = node.worker_pids()
+            killed = node.kill9()  # during sending
+            assert set(sender) <= set(killed)
+            time.sleep(7)  # the destination's answer to instance 4 now goes nowhere
+            assert len(slow.received) == 4  # nothing was sent after the kill
             node.start()
             job = job_of(node, uid, ("done",), timeout=180)
             assert job["output_instances"] == 32
             out_dir = node.storage / "output" / f"job-{job['id']}"
             expected = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in out_dir.glob("*.dcm")}
             assert len(expected) == 32 and set(slow.received) == expected  # one series, every instance
+            # the first four went twice: before the kill, and again by the restarted node's worker
+            assert len(slow.received) == 36 and set(slow.received[:4]) <= set(slow.received[4:])
             series_uids = {dcmread(p, stop_before_pixels=True).SeriesInstanceUID for p in out_dir.glob("*.dcm")}
             assert series_uids == {job["output_series_uid"]}
         finally:
