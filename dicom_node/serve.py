@@ -171,7 +171,7 @@ def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
     if released:
         log.info("resuming %d job(s) left mid-way by a previous run", released)
 
-    intake = Intake(spool, ledger)
+    intake = Intake(spool, ledger, overwrite_instances=cfg.storage.overwrite_instances)
     server = start_scp(cfg, ledger, intake)
     monitor = CompletionMonitor(ledger, cfg)
     monitor.start()
