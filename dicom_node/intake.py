@@ -23,7 +23,7 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from pydicom.values import convert_UI
 
-from dicom_node import selection
+from dicom_node import incoming, selection
 from storage.ledger import InstanceConflict, InstanceRecord, Ledger
 from storage.spool import Spool, SpoolFull, valid_uid
 
@@ -194,6 +194,11 @@ class Intake:
     def store(self, tmp: Path, *, calling_aet: str, sop_class_uid: str, sop_instance_uid: str,
               transfer_syntax: str) -> StoreResult:
         """Accept the received file *tmp* (in the spool's incoming folder) or say why not."""
+        failed = incoming.write_error(tmp)
+        if failed is not None:  # the disk filled up while it arrived: nothing usable was kept
+            return self._reject(StoreStatus.OUT_OF_RESOURCES,
+                                f"cannot write spool: {failed.strerror or failed} while receiving",
+                                calling_aet, sop_class_uid, sop_instance_uid, tmp)
         try:
             self.spool.start_writeback(tmp)  # the disk writes while the header is checked
             ts = UID(transfer_syntax)
