@@ -8,16 +8,22 @@ equipment, a warning in Image Comments) and claims none of the source's
 acquisition parameters.
 
 UIDs are deterministic: the series UID depends on the source series UID, the
-direction and the model identity; each SOP Instance UID additionally on the
-source SOP Instance UID and frame number.  Re-running a job therefore replaces
-the same instances in a PACS instead of creating a duplicate series, and a new
-model produces a new series.
+direction, the model identity and the :class:`Revision` (the source series'
+generation in the ledger and a digest of its instances' contents); each SOP
+Instance UID additionally on the source SOP Instance UID and frame number.
+Re-running the same job on the same input therefore gives the same UIDs (a PACS
+that already holds them keeps one copy), while a series that grew or changed
+gets a new synthetic series with new instance UIDs: a SOP Instance UID always
+means one content, and an archive that does not overwrite never holds a mixed
+series.  A revision after the first says so in its SeriesDescription (" v2")
+and names the series it replaces in ImageComments.
 """
 
 from __future__ import annotations
 
 import copy
 import datetime as _dt
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -40,7 +46,8 @@ import dicom_node
 from dicom_node.config import Direction, OutputConfig
 from dicom_node.volume import SeriesVolume
 
-__all__ = ["ModelIdentity", "build_synthetic_series", "series_uid_for", "write_series", "HIGHDICOM_UID_ROOT"]
+__all__ = ["ModelIdentity", "Revision", "build_synthetic_series", "series_uid_for", "source_digest", "write_series",
+           "HIGHDICOM_UID_ROOT"]
 
 #: highdicom's UID root (what ``highdicom.UID()`` uses), the default when no uid_root is configured.
 HIGHDICOM_UID_ROOT = "1.2.826.0.1.3680043.10.511.3."
@@ -111,19 +118,53 @@ class ModelIdentity:
     identity: str
 
 
+@dataclass(frozen=True)
+class Revision:
+    """Which input a synthetic series was made from.
+
+    ``generation`` is the source series' generation in the ledger (1, then +1
+    each time the series reopens); ``input_digest`` a digest of the source
+    instances' contents (:func:`source_digest`); ``supersedes`` the synthetic
+    series this one replaces, if any.
+    """
+
+    generation: int = 1
+    input_digest: str = ""
+    supersedes: str | None = None
+
+
+def source_digest(paths: Sequence[Path]) -> str:
+    """A digest of the source instances: their SOP Instance UIDs (file names) and file contents, in sorted order."""
+    outer = hashlib.blake2b(digest_size=16)
+    for p in sorted(map(Path, paths), key=lambda q: q.name):
+        inner = hashlib.blake2b(digest_size=16)
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                inner.update(chunk)
+        outer.update(p.name.encode() + b"\0" + inner.digest())
+    return outer.hexdigest()
+
+
 def _uid_root(output: OutputConfig) -> str:
     return output.uid_root or HIGHDICOM_UID_ROOT
 
 
-def series_uid_for(source_series_uid: str, direction: Direction, model: ModelIdentity, output: OutputConfig) -> str:
-    """The SeriesInstanceUID of the synthetic series made from ``source_series_uid``."""
-    return str(generate_uid(_uid_root(output), entropy_srcs=[
-        "dicomnode-series", source_series_uid, direction.value, model.identity]))
+def _revision_key(revision: Revision) -> list[str]:
+    return [f"generation {revision.generation}", revision.input_digest]
 
 
-def _instance_uid(sop_uid: str, frame: int | None, direction: Direction, model: ModelIdentity, output: OutputConfig) -> str:
+def series_uid_for(source_series_uid: str, direction: Direction, model: ModelIdentity, output: OutputConfig,
+                   revision: Revision = Revision()) -> str:
+    """The SeriesInstanceUID of the synthetic series made from ``source_series_uid`` (in this revision)."""
     return str(generate_uid(_uid_root(output), entropy_srcs=[
-        "dicomnode-instance", sop_uid, "" if frame is None else str(frame), direction.value, model.identity]))
+        "dicomnode-series", source_series_uid, direction.value, model.identity, *_revision_key(revision)]))
+
+
+def _instance_uid(sop_uid: str, frame: int | None, direction: Direction, model: ModelIdentity, output: OutputConfig,
+                  revision: Revision) -> str:
+    return str(generate_uid(_uid_root(output), entropy_srcs=[
+        "dicomnode-instance", sop_uid, "" if frame is None else str(frame), direction.value, model.identity,
+        *_revision_key(revision)]))
 
 
 def _ds(v: float) -> str:
@@ -189,8 +230,13 @@ def build_synthetic_series(
     window: tuple[float, float] | None = None,
     software_version: str = dicom_node.__version__,
     burned_in: bool = False,
+    revision: Revision = Revision(),
 ) -> list[Dataset]:
-    """One Classic MR dataset (with file meta) per source slice, in ``source.slices`` order."""
+    """One Classic MR dataset (with file meta) per source slice, in ``source.slices`` order.
+
+    Each image keeps the InstanceNumber of the source image it was made from (a
+    multi-frame source: the frame number), so both series scroll alike.
+    """
     if pixels.shape != source.pixels.shape:
         raise ValueError(f"pixels have shape {pixels.shape}, the source {source.pixels.shape}")
     if pixels.dtype != np.uint16:
@@ -202,12 +248,16 @@ def build_synthetic_series(
     dt_str = now.strftime("%Y%m%d%H%M%S.%f%z")
 
     src_series_uid = str(src.SeriesInstanceUID)
-    series_uid = series_uid_for(src_series_uid, direction, model, output)
+    series_uid = series_uid_for(src_series_uid, direction, model, output, revision)
     has_charset = "SpecificCharacterSet" in src
     source_desc = str(src.get("SeriesDescription", "") or src.get("ProtocolName", "") or "")
     if not source_desc:
         source_desc = f"series {src.get('SeriesNumber', '')}".strip()
-    description = _text_for(has_charset, _series_description(output.series_description, source_desc, direction, model))
+    description = _series_description(output.series_description, source_desc, direction, model)
+    if revision.generation > 1:  # a later revision: say so where an archive user looks first
+        suffix = f" v{revision.generation}"
+        description = _fit_lo(description, _LO_MAX - len(suffix)) + suffix
+    description = _text_for(has_charset, description)
     try:
         src_number = int(src.get("SeriesNumber", 0) or 0)
     except (TypeError, ValueError):
@@ -222,6 +272,8 @@ def build_synthetic_series(
     comments = _text_for(has_charset, (
         f"SYNTHETIC IMAGE generated by AI ({model.name} {model.version}) from a {src_w} series; "
         "not acquired, not for diagnosis"
+        + (f"; version {revision.generation}, replaces synthetic series {revision.supersedes}"
+           if revision.supersedes else (f"; version {revision.generation}" if revision.generation > 1 else ""))
     ))
 
     # shared, immutable parts built once
@@ -289,14 +341,15 @@ def build_synthetic_series(
     for k, sl in enumerate(source.slices):
         ds = Dataset()
         ds.update(copy.deepcopy(base))
-        sop_uid: str = _instance_uid(sl.sop_instance_uid, sl.frame_number, direction, model, output)
+        sop_uid: str = _instance_uid(sl.sop_instance_uid, sl.frame_number, direction, model, output, revision)
         ds.SOPClassUID = MRImageStorage
         ds.SOPInstanceUID = sop_uid
         ds.InstanceCreationDate = date
         ds.InstanceCreationTime = time
         ds.ImageType = image_type
         ds.ContributingEquipmentSequence = DicomSequence(copy.deepcopy(contributing))
-        ds.InstanceNumber = k + 1
+        ds.InstanceNumber = sl.frame_number if sl.frame_number is not None else (
+            sl.instance_number if sl.instance_number is not None else k + 1)
         ds.ContentDate = date
         ds.ContentTime = time
         # burned_in: a "SYNTHETIC" label was drawn into the pixels (dicom_node.label)

@@ -104,6 +104,7 @@ class StorageConfig:
     dir: Path = Path("var")
     ledger_url: str = "sqlite:///var/ledger.db"
     min_free_mb: int = 512
+    overwrite_instances: bool = False  # a resend of a stored SOP Instance UID with other content: replace or refuse
 
 
 @dataclass(frozen=True)

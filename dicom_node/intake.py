@@ -7,6 +7,7 @@ returns its status; nothing here knows about associations.
 from __future__ import annotations
 
 import enum
+import filecmp
 import logging
 import os
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset
@@ -21,8 +23,8 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from pydicom.values import convert_UI
 
-from dicom_node import selection
-from storage.ledger import InstanceRecord, Ledger
+from dicom_node import incoming, selection
+from storage.ledger import InstanceConflict, InstanceRecord, Ledger
 from storage.spool import Spool, SpoolFull, valid_uid
 
 log = logging.getLogger(__name__)
@@ -32,12 +34,14 @@ _UNDEFINED = 0xFFFFFFFF
 
 
 class StoreStatus(enum.IntEnum):
-    """C-STORE response statuses we return (PS3.4 Annex B.2.3)."""
+    """C-STORE response statuses we return (PS3.4 Annex B.2.3; 0xC230/0xC231 are ours, in "cannot understand")."""
 
     SUCCESS = 0x0000
     OUT_OF_RESOURCES = 0xA700
     DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     CANNOT_UNDERSTAND = 0xC000
+    UID_IN_ANOTHER_SERIES = 0xC230  # the SOP Instance UID is stored in another series
+    UID_WITH_OTHER_CONTENT = 0xC231  # stored with other content, and storage.overwrite_instances = false
 
 
 @dataclass(frozen=True)
@@ -150,14 +154,51 @@ def header_facts(ds: Dataset) -> dict[str, Any]:
         raise Malformed(f"unreadable header value: {type(exc).__name__}: {exc}") from None
 
 
+def same_content(stored: Path, received: Path) -> bool:
+    """True if *received* holds the same data set as *stored*: the same bytes, or (in another
+    transfer syntax) the same elements and the same decoded pixels."""
+    if stored.stat().st_size == received.stat().st_size and filecmp.cmp(stored, received, shallow=False):
+        return True
+    try:
+        a, b = dcmread(stored), dcmread(received)
+        if a.file_meta.TransferSyntaxUID == b.file_meta.TransferSyntaxUID:
+            return False  # same encoding, other bytes: other content
+        pa = a.pixel_array if "PixelData" in a else None
+        pb = b.pixel_array if "PixelData" in b else None
+        if (pa is None) != (pb is None) or (pa is not None and not np.array_equal(pa, pb)):
+            return False
+        for ds in (a, b):
+            if "PixelData" in ds:
+                del ds.PixelData
+        return bool(a == b)
+    except Exception:  # cannot compare: treat as other content
+        return False
+
+
 class Intake:
-    def __init__(self, spool: Spool, ledger: Ledger) -> None:
+    """*overwrite_instances*: what a resend of a stored SOP Instance UID with other content does.
+
+    ``False`` (the default): it is refused with 0xC231 and the stored instance
+    stays.  ``True``: it replaces the stored one, a note is written in the
+    ledger and the series is processed again.  An identical resend is always
+    answered with success and changes nothing; a SOP Instance UID stored in
+    another series is always refused (0xC230).  Refusals are recorded as
+    rejections.
+    """
+
+    def __init__(self, spool: Spool, ledger: Ledger, overwrite_instances: bool = False) -> None:
         self.spool = spool
         self.ledger = ledger
+        self.overwrite_instances = overwrite_instances
 
     def store(self, tmp: Path, *, calling_aet: str, sop_class_uid: str, sop_instance_uid: str,
               transfer_syntax: str) -> StoreResult:
         """Accept the received file *tmp* (in the spool's incoming folder) or say why not."""
+        failed = incoming.write_error(tmp)
+        if failed is not None:  # the disk filled up while it arrived: nothing usable was kept
+            return self._reject(StoreStatus.OUT_OF_RESOURCES,
+                                f"cannot write spool: {failed.strerror or failed} while receiving",
+                                calling_aet, sop_class_uid, sop_instance_uid, tmp)
         try:
             self.spool.start_writeback(tmp)  # the disk writes while the header is checked
             ts = UID(transfer_syntax)
@@ -166,22 +207,35 @@ class Intake:
             f = header_facts(ds)
             study, series = validate(ds, size, sop_class_uid, sop_instance_uid, ts, f)
             del ds
+            prior = self.ledger.stored_instance(sop_instance_uid)
+            replaced = False
+            if prior is not None:
+                if prior.series_uid != series:
+                    raise InstanceConflict(sop_instance_uid, prior.series_uid)
+                if same_content(self.spool.path(prior.path), tmp):
+                    os.unlink(tmp)  # an identical resend: nothing changes
+                    self.ledger.record_instance(self._record(prior.path, prior.transfer_syntax, study, series,
+                                                             sop_class_uid, sop_instance_uid, calling_aet, f,
+                                                             self.spool.path(prior.path).stat().st_size))
+                    return StoreResult(StoreStatus.SUCCESS, series_uid=series, duplicate=True, size_bytes=size)
+                if not self.overwrite_instances:
+                    return self._reject(StoreStatus.UID_WITH_OTHER_CONTENT,
+                                        f"SOP Instance UID already stored in series {series} with other content; "
+                                        "refused (storage.overwrite_instances = false)",
+                                        calling_aet, sop_class_uid, sop_instance_uid, tmp)
+                replaced = True
             spooled = self.spool.commit(tmp, study, series, sop_instance_uid, size)
-            outcome = self.ledger.record_instance(
-                InstanceRecord(
-                    sop_instance_uid=sop_instance_uid,
-                    sop_class_uid=sop_class_uid,
-                    study_uid=study,
-                    series_uid=series,
-                    transfer_syntax=transfer_syntax,
-                    path=spooled.relpath,
-                    size_bytes=spooled.size,
-                    calling_aet=calling_aet,
-                    modality=f["modality"] or None,
-                    description=f["description"] or None,
-                    attrs=f,
-                )
-            )
+            try:
+                outcome = self.ledger.record_instance(
+                    self._record(spooled.relpath, transfer_syntax, study, series, sop_class_uid, sop_instance_uid,
+                                 calling_aet, f, spooled.size), replaced=replaced)
+            except InstanceConflict:
+                # stored in another series by a concurrent association meanwhile: ours is not kept
+                self._unlink(spooled.path)
+                raise
+        except InstanceConflict as exc:
+            return self._reject(StoreStatus.UID_IN_ANOTHER_SERIES, f"{exc}; refused (a SOP Instance UID means one "
+                                "instance)", calling_aet, sop_class_uid, sop_instance_uid, tmp)
         except Malformed as exc:
             return self._reject(exc.status, str(exc), calling_aet, sop_class_uid, sop_instance_uid, tmp)
         except SpoolFull as exc:
@@ -192,8 +246,35 @@ class Intake:
             return self._reject(StoreStatus.OUT_OF_RESOURCES, f"{type(exc).__name__}: {exc}", calling_aet,
                                 sop_class_uid, sop_instance_uid, tmp)
         if outcome.reopened:
-            log.info("series %s reopened by a late instance (generation %d)", series, outcome.generation)
+            log.info("series %s reopened by a %s instance (generation %d)", series,
+                     "replaced" if replaced else "late", outcome.generation)
+        elif replaced:
+            log.info("instance %s of series %s replaced with new content", sop_instance_uid, series)
         return StoreResult(StoreStatus.SUCCESS, series_uid=series, duplicate=outcome.duplicate, size_bytes=spooled.size)
+
+    @staticmethod
+    def _record(relpath: str, transfer_syntax: str, study: str, series: str, sop_class_uid: str,
+                sop_instance_uid: str, calling_aet: str, f: dict[str, Any], size: int) -> InstanceRecord:
+        return InstanceRecord(
+                    sop_instance_uid=sop_instance_uid,
+                    sop_class_uid=sop_class_uid,
+                    study_uid=study,
+                    series_uid=series,
+                    transfer_syntax=transfer_syntax,
+                    path=relpath,
+                    size_bytes=size,
+                    calling_aet=calling_aet,
+                    modality=f["modality"] or None,
+                    description=f["description"] or None,
+                    attrs=f,
+                )
+
+    @staticmethod
+    def _unlink(path: Path) -> None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
     def _reject(self, status: StoreStatus, reason: str, calling_aet: str, sop_class_uid: str,
                 sop_instance_uid: str, tmp: Path) -> StoreResult:

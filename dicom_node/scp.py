@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -23,6 +22,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from pydicom.uid import UID
 
+from dicom_node import incoming
 from dicom_node.config import Config, TLSConfig
 from dicom_node.intake import Intake, StoreStatus
 from storage.ledger import Ledger
@@ -173,7 +173,7 @@ def start_scp(cfg: Config, ledger: Ledger, intake: Intake) -> ThreadedAssociatio
     # Stream each received data set straight into the spool's incoming folder
     # (same file system as its final place, so it is renamed, not copied).
     _config.STORE_RECV_CHUNKED_DATASET = True
-    tempfile.tempdir = str(intake.spool.incoming)
+    incoming.install(intake.spool.incoming)  # a full disk is answered 0xA700, not an abort
     _config.LOG_HANDLER_LEVEL = "none"
 
     ae = build_ae(cfg)

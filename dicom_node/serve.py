@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from pydicom import dcmread
 
@@ -69,13 +70,20 @@ def reconcile(spool: Spool, ledger: Ledger) -> int:
 
 
 class WorkerPool:
-    """Keeps ``worker.processes`` synthesis workers alive."""
+    """Keeps ``worker.processes`` synthesis workers alive.
 
-    def __init__(self, cfg: Config) -> None:
+    Workers end by themselves when ``serve`` dies (see
+    :func:`dicom_node.worker.watch_parent`); a worker that dies is reaped, its
+    job handed back at once (``on_death`` gets its ledger name) and it is
+    restarted.
+    """
+
+    def __init__(self, cfg: Config, on_death: Callable[[str], object] | None = None) -> None:
         self.cfg = cfg
         self.ctx = mp.get_context("spawn")
         self.procs: list[mp.process.BaseProcess] = []
         self._stopping = False
+        self._on_death = on_death
 
     def start(self) -> None:
         for i in range(self.cfg.worker.processes):
@@ -84,7 +92,9 @@ class WorkerPool:
     def _spawn(self, i: int) -> mp.process.BaseProcess:
         from dicom_node.worker import worker_main
 
-        p = self.ctx.Process(target=worker_main, args=(self.cfg, i, logging.getLevelName(logging.getLogger().getEffectiveLevel())), name=f"worker-{i}", daemon=False)
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        p = self.ctx.Process(target=worker_main, args=(self.cfg, i, level, os.getpid()), name=f"worker-{i}",
+                             daemon=False)
         p.start()
         log.info("worker %d started (pid %d)", i, p.pid)
         return p
@@ -93,8 +103,14 @@ class WorkerPool:
         if self._stopping:
             return
         for i, p in enumerate(self.procs):
-            if not p.is_alive():
-                log.error("worker %d (pid %s) exited with %s; restarting", i, p.pid, p.exitcode)
+            if not p.is_alive():  # also reaps it (no zombie left behind)
+                log.error("worker %d (pid %s) exited with %s; resuming its job and restarting it", i, p.pid,
+                          p.exitcode)
+                if self._on_death is not None:
+                    try:
+                        self._on_death(f"{socket.gethostname()}:{p.pid}")
+                    except Exception:
+                        log.exception("could not hand back the job of worker pid %s", p.pid)
                 self.procs[i] = self._spawn(i)
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -111,19 +127,31 @@ class WorkerPool:
                 p.join(5)
 
 
+def pid_alive(pid: int) -> bool:
+    """True if process *pid* exists and is not a zombie (a dead process not yet reaped by its parent)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (or it just exited): os.kill said it exists
+    state = stat.rsplit(")", 1)[-1].split()[:1]
+    return state not in (["Z"], ["X"])
+
+
 def release_dead_local_leases(ledger: Ledger) -> int:
-    """Jobs held by workers of this host that no longer exist are resumed at once."""
+    """Jobs held by workers of this host that no longer exist (or are zombies) are resumed at once."""
     host = socket.gethostname()
 
     def alive(worker: str) -> bool:
         try:
-            pid = int(worker.rsplit(":", 1)[1])
-            os.kill(pid, 0)
-            return True
-        except (ValueError, IndexError, ProcessLookupError):
+            return pid_alive(int(worker.rsplit(":", 1)[1]))
+        except (ValueError, IndexError):
             return False
-        except PermissionError:
-            return True
 
     return ledger.release_leases(host, alive)
 
@@ -143,11 +171,11 @@ def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
     if released:
         log.info("resuming %d job(s) left mid-way by a previous run", released)
 
-    intake = Intake(spool, ledger)
+    intake = Intake(spool, ledger, overwrite_instances=cfg.storage.overwrite_instances)
     server = start_scp(cfg, ledger, intake)
     monitor = CompletionMonitor(ledger, cfg)
     monitor.start()
-    pool = WorkerPool(cfg)
+    pool = WorkerPool(cfg, on_death=ledger.release_own)
     pool.start()
     host, port = server.server_address[:2]
     log.info("listening on %s:%d as %s", host, port, cfg.node.ae_title)
@@ -160,8 +188,17 @@ def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
+    ticks = 0
     while not stop.wait(1.0):
         pool.supervise()
+        ticks += 1
+        if ticks % 5 == 0:  # e.g. a worker of an earlier run that exited since, or a local `dicomnode worker`
+            try:
+                n = release_dead_local_leases(ledger)
+                if n:
+                    log.info("resuming %d job(s) of worker(s) that died", n)
+            except Exception as exc:
+                log.debug("dead-lease check skipped: %s", exc)
         try:
             ledger.checkpoint()
         except Exception as exc:  # e.g. busy; the next second tries again

@@ -50,6 +50,7 @@ class SourceSlice:
     sop_instance_uid: str
     frame_number: int | None  # 1-based, only for multi-frame sources
     position: np.ndarray = field(compare=False)  # ImagePositionPatient (LPS, mm)
+    instance_number: int | None = field(default=None, compare=False)  # the source's InstanceNumber, if any
 
 
 @dataclass
@@ -113,6 +114,7 @@ class _Frame:
     intercept: float
     rows: int
     cols: int
+    instance_number: int | None = None
 
 
 def _floats(value: Any, n: int, what: str, where: str) -> np.ndarray:
@@ -201,6 +203,10 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
         if attr not in ds or ds[attr].value in (None, ""):
             raise SeriesError(f"{name}: missing {attr}")
     pss = _floats(ds.PixelSpacing, 2, "PixelSpacing", name)
+    try:
+        number: int | None = int(ds.get("InstanceNumber"))
+    except (TypeError, ValueError):
+        number = None
     slope = _opt_float(ds.get("RescaleSlope"))
     intercept = _opt_float(ds.get("RescaleIntercept"))
     return [
@@ -218,6 +224,7 @@ def _frames_of(path: Path, ds: Dataset) -> list[_Frame]:
             intercept=0.0 if intercept is None else intercept,
             rows=rows,
             cols=cols,
+            instance_number=number,
         )
     ]
 
@@ -362,7 +369,8 @@ def load_series(paths: Sequence[Path]) -> SeriesVolume:
     thickness = first.thickness
     return SeriesVolume(
         pixels=pixels,
-        slices=[SourceSlice(f.sop_class_uid, f.sop_instance_uid, f.frame_number, f.position.copy()) for f in frames],
+        slices=[SourceSlice(f.sop_class_uid, f.sop_instance_uid, f.frame_number, f.position.copy(), f.instance_number)
+                for f in frames],
         row_dir=row_dir,
         col_dir=col_dir,
         normal=normal,

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -129,7 +130,7 @@ class Worker:
 
     def _synthesize(self, job: ClaimedJob, direction: Direction, timings: dict[str, float]) -> list[Path]:
         from dicom_node import __version__
-        from dicom_node.build import ModelIdentity, build_synthetic_series, write_series
+        from dicom_node.build import ModelIdentity, Revision, build_synthetic_series, source_digest, write_series
         from dicom_node.volume import SeriesError, load_series
         from ml.inference import synthesize
 
@@ -147,6 +148,8 @@ class Worker:
             raise JobFailed(f"series rejected: {exc}") from None
         except Exception as exc:
             raise JobFailed(f"series could not be read: {type(exc).__name__}: {exc}") from None
+        # the output's UIDs follow this exact input: a grown or changed series gets a new synthetic series
+        revision = Revision(job.generation, source_digest(paths), self.ledger.previous_output(job.id))
         self._stage(timings, "loading", t0)
         self.ledger.job_running(job.id, self.name, timings)
 
@@ -168,7 +171,7 @@ class Worker:
             vol, pixels, direction=direction,
             model=ModelIdentity(name=model.name, version=model.version, identity=model.identity),
             output=self.cfg.output, node_ae_title=self.cfg.node.ae_title, window=model.window,
-            software_version=__version__, burned_in=self.cfg.output.burn_in_label,
+            software_version=__version__, burned_in=self.cfg.output.burn_in_label, revision=revision,
         )
         out_dir = self.output_root / f"job-{job.id}"
         for old in out_dir.glob("*.dcm") if out_dir.is_dir() else []:
@@ -232,9 +235,7 @@ class Worker:
                  ", ".join(d.label for d in dests), timings.get("waiting", 0), timings.get("sending", 0))
 
 
-def run_worker(cfg: Config, stop: threading.Event | None = None) -> int:
-    stop = stop or threading.Event()
-
+def _install_signal_handlers(stop: threading.Event) -> None:
     def on_signal(signum: int, _frame: object) -> None:
         log.info("worker received %s; stopping (a job in progress is handed back)", signal.Signals(signum).name)
         stop.set()
@@ -244,6 +245,11 @@ def run_worker(cfg: Config, stop: threading.Event | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+
+
+def run_worker(cfg: Config, stop: threading.Event | None = None) -> int:
+    stop = stop or threading.Event()
+    _install_signal_handlers(stop)
     worker = Worker(cfg)
     try:
         worker.run(stop)
@@ -255,9 +261,104 @@ def run_worker(cfg: Config, stop: threading.Event | None = None) -> int:
     return 0
 
 
-def worker_main(cfg: Config, index: int, log_level: str = "INFO") -> None:
+#: seconds a worker whose parent died has to hand its job back before it exits hard
+ORPHAN_GRACE_SECONDS = 5.0
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _set_parent_death_signal(signum: int) -> bool:
+    """Linux: have the kernel send *signum* to this process when its parent dies."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def watch_parent(parent_pid: int, grace: float = ORPHAN_GRACE_SECONDS, interval: float = 0.5) -> None:
+    """Make this process end when *parent_pid* (``dicomnode serve``) dies, even by ``kill -9``.
+
+    On Linux the kernel sends SIGTERM at once (PR_SET_PDEATHSIG); everywhere a
+    daemon thread notices the new parent PID within *interval* and sends the
+    same SIGTERM (a job in progress is handed back), then exits hard after
+    *grace* seconds if the process has not stopped by then (e.g. inside a long
+    native inference call).
+    """
+    _set_parent_death_signal(signal.SIGTERM)
+
+    def orphaned() -> bool:
+        return os.getppid() != parent_pid
+
+    def watch() -> None:
+        while not orphaned():
+            time.sleep(interval)
+        log.warning("worker %d: parent %d is gone; stopping", os.getpid(), parent_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace)
+        os._exit(3)
+
+    if orphaned():  # the parent died before we got here
+        log.warning("worker %d: parent %d is gone; not starting", os.getpid(), parent_pid)
+        raise SystemExit(3)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def slot_lock_path(cfg: Config, index: int) -> Path:
+    """The lock (and PID) file of worker slot *index* of this storage folder."""
+    return cfg.storage.dir / "workers" / f"slot-{index}.pid"
+
+
+def hold_slot(cfg: Config, index: int) -> Any:
+    """Take worker slot *index* of this storage folder for this process's lifetime.
+
+    An exclusive lock on ``<storage.dir>/workers/slot-N.pid``: a worker of an
+    earlier ``serve`` that is still running (e.g. still stopping) keeps its
+    slot, and the new worker waits for it, so the storage folder never has more
+    than ``worker.processes`` workers of ``serve``.  The file holds the PID of
+    its worker.  Returns the open file (keep it referenced).
+    """
+    path = slot_lock_path(cfg, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, only the PID
+        fcntl = None  # type: ignore[assignment]
+    if fcntl is not None:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            log.warning("worker slot %d is still held by worker pid %s of an earlier run; waiting for it to exit",
+                        index, holder)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def worker_main(cfg: Config, index: int, log_level: str = "INFO", parent_pid: int | None = None) -> None:
     """Entry point of a worker process spawned by ``dicomnode serve``."""
     from dicom_node.logsetup import configure
 
     configure(log_level)
-    run_worker(cfg)
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    try:
+        if parent_pid is not None:
+            watch_parent(parent_pid)
+        slot = hold_slot(cfg, index)
+    except SystemExit:
+        return
+    try:
+        run_worker(cfg, stop)
+    finally:
+        slot.close()

@@ -29,6 +29,7 @@ from storage.models import (
     Instance,
     Job,
     JobState,
+    Note,
     Rejection,
     Series,
     SeriesState,
@@ -59,6 +60,22 @@ class InstanceRecord:
     modality: str | None
     description: str | None
     attrs: dict[str, Any]
+
+
+class InstanceConflict(Exception):
+    """The SOP Instance UID is already stored in another series (nothing was written)."""
+
+    def __init__(self, sop_instance_uid: str, stored_series_uid: str) -> None:
+        super().__init__(f"SOP Instance UID already stored in series {stored_series_uid}")
+        self.sop_instance_uid = sop_instance_uid
+        self.stored_series_uid = stored_series_uid
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    series_uid: str
+    path: str  # relative to the spool
+    transfer_syntax: str
 
 
 @dataclass(frozen=True)
@@ -104,7 +121,7 @@ class _HotStatements:
     def __init__(self) -> None:
         S, I = Series.__table__, Instance.__table__
         self.series_by_uid = select(S.c.id, S.c.state, S.c.generation).where(S.c.series_uid == bindparam("b_uid"))
-        self.instance_by_uid = select(I.c.id).where(I.c.sop_instance_uid == bindparam("b_sop"))
+        self.instance_by_uid = select(I.c.id, I.c.series_id).where(I.c.sop_instance_uid == bindparam("b_sop"))
         self.insert_instance = I.insert()
         self.count_instance = (
             S.update()
@@ -140,9 +157,26 @@ class Ledger:
         return self._session()
 
     # ============================================================ receiving
-    def record_instance(self, rec: InstanceRecord, now: datetime | None = None) -> RecordOutcome:
+    def stored_instance(self, sop_instance_uid: str) -> StoredInstance | None:
+        """Where an instance with this SOP Instance UID is stored, if it is."""
+        with self.session() as s:
+            row = s.execute(select(Series.series_uid, Instance.path, Instance.transfer_syntax)
+                            .join(Series, Series.id == Instance.series_id)
+                            .where(Instance.sop_instance_uid == sop_instance_uid)).first()
+            return None if row is None else StoredInstance(*row)
+
+    def record_instance(self, rec: InstanceRecord, now: datetime | None = None, *,
+                        replaced: bool = False) -> RecordOutcome:
+        """Record a stored instance.
+
+        A resend (same SOP Instance UID, same series) refreshes its row; with
+        *replaced* its content changed: a note is written and a series already
+        handed on reopens as a new generation (it is processed again).  Raises
+        :class:`InstanceConflict` (nothing written) if the UID is stored in
+        another series.
+        """
         now = now or utcnow()
-        if self._fast_path:
+        if self._fast_path and not replaced:
             try:
                 outcome = self._record_new_instance(rec, now)
             except IntegrityError:
@@ -151,7 +185,7 @@ class Ledger:
                 return outcome
         for attempt in range(3):
             try:
-                return self._record_instance(rec, now)
+                return self._record_instance(rec, now, replaced)
             except IntegrityError:
                 # a concurrent association created the same series/instance first
                 if attempt == 2:
@@ -178,7 +212,25 @@ class Ledger:
             c.execute(self._hot.insert_instance, self._instance_row(rec, row[0], now))
             return RecordOutcome(row[0], duplicate=False, reopened=False, generation=row[1])
 
-    def _record_instance(self, rec: InstanceRecord, now: datetime) -> RecordOutcome:
+    def _reopen(self, c: Any, sid: int, generation: int, now: datetime, *, grew: bool, why: str) -> int:
+        """A series already handed on receives again: it becomes a new generation; returns it."""
+        S = Series.__table__
+        generation += 1
+        values: dict[str, Any] = dict(last_received_at=now, release_seen_at=None,
+                                      state=SeriesState.RECEIVING.value, generation=generation,
+                                      completed_at=None, classification=None, reason=None)
+        if grew:
+            values["instances"] = S.c.instances + 1
+        # a job not yet started is covered by the job of the new generation
+        c.execute(
+            update(Job)
+            .where(Job.series_id == sid, Job.state == JobState.QUEUED.value)
+            .values(state=JobState.SUPERSEDED.value, error=why, finished_at=now)
+        )
+        c.execute(S.update().where(S.c.id == sid).values(**values))
+        return generation
+
+    def _record_instance(self, rec: InstanceRecord, now: datetime, replaced: bool = False) -> RecordOutcome:
         # Every case (new series, resend, reopening): statements built once, one transaction.
         S, I, hot = Series.__table__, Instance.__table__, self._hot
         with self.engine.begin() as c:
@@ -195,29 +247,33 @@ class Ledger:
                 sid, state, generation = row
             existing = c.execute(hot.instance_by_uid, {"b_sop": rec.sop_instance_uid}).first()
             if existing is not None:
-                # resend: the file was replaced in place; refresh the row, no new instance
+                if existing[1] != sid:
+                    other = c.execute(select(S.c.series_uid).where(S.c.id == existing[1])).scalar_one()
+                    raise InstanceConflict(rec.sop_instance_uid, other)  # rolls back (a new series row too)
+                # resend: refresh the row, no new instance
                 c.execute(I.update().where(I.c.id == existing[0]).values(
-                    size_bytes=rec.size_bytes, transfer_syntax=rec.transfer_syntax, received_at=now, attrs=rec.attrs))
+                    path=rec.path, size_bytes=rec.size_bytes, transfer_syntax=rec.transfer_syntax, received_at=now,
+                    attrs=rec.attrs))
+                reopened = False
+                if replaced:
+                    c.execute(Note.__table__.insert().values(
+                        at=now, calling_aet=rec.calling_aet, series_uid=rec.series_uid,
+                        sop_instance_uid=rec.sop_instance_uid,
+                        text="instance replaced with new content (storage.overwrite_instances = true)"
+                             + ("; series reopened for processing" if state != SeriesState.RECEIVING.value else "")))
+                    if state != SeriesState.RECEIVING.value:
+                        generation = self._reopen(c, sid, generation, now, grew=False,
+                                                  why="an instance was replaced before the job started")
+                        reopened = True
                 if state == SeriesState.RECEIVING.value:
                     c.execute(S.update().where(S.c.id == sid).values(last_received_at=now))
-                return RecordOutcome(sid, duplicate=True, reopened=False, generation=generation)
+                return RecordOutcome(sid, duplicate=not replaced, reopened=reopened, generation=generation)
             c.execute(hot.insert_instance, self._instance_row(rec, sid, now))
             if state == SeriesState.RECEIVING.value:
                 c.execute(hot.count_instance, {"b_sid": sid, "b_now": now})
                 return RecordOutcome(sid, duplicate=False, reopened=False, generation=generation)
             # an instance for a series already handed on: reopen it as a new generation
-            generation += 1
-            values: dict[str, Any] = dict(instances=S.c.instances + 1, last_received_at=now, release_seen_at=None,
-                                          state=SeriesState.RECEIVING.value, generation=generation,
-                                          completed_at=None, classification=None, reason=None)
-            # a job not yet started is covered by the job of the grown series
-            c.execute(
-                update(Job)
-                .where(Job.series_id == sid, Job.state == JobState.QUEUED.value)
-                .values(state=JobState.SUPERSEDED.value, error="series grew before the job started",
-                        finished_at=now)
-            )
-            c.execute(S.update().where(S.c.id == sid).values(**values))
+            generation = self._reopen(c, sid, generation, now, grew=True, why="series grew before the job started")
             return RecordOutcome(sid, duplicate=False, reopened=True, generation=generation)
 
     def record_rejection(
@@ -416,8 +472,40 @@ class Ledger:
         )
 
     def job_done(self, job_id: int, worker: str, timings: dict[str, float]) -> bool:
-        return self._update_owned(job_id, worker, state=JobState.DONE.value, finished_at=utcnow(),
-                                  lease_expires_at=None, timings=timings, error=None)
+        """Finish a job; the finished jobs of older generations of its series (same direction) become superseded.
+
+        A job that finishes after a newer one of its series is superseded at once.
+        """
+        now = utcnow()
+        with self.session() as s, s.begin():
+            res = s.execute(update(Job).where(Job.id == job_id, Job.worker == worker).values(
+                state=JobState.DONE.value, finished_at=now, lease_expires_at=None, timings=timings, error=None))
+            if res.rowcount != 1:
+                return False
+            j = s.get(Job, job_id)
+            assert j is not None
+            same = and_(Job.series_id == j.series_id, Job.direction == j.direction, Job.id != j.id)
+            newer = s.scalars(select(Job).where(same, Job.state.in_([JobState.DONE.value, JobState.SUPERSEDED.value]),
+                                                Job.generation > j.generation).order_by(Job.id.desc()).limit(1)).first()
+            if newer is not None:
+                j.state = JobState.SUPERSEDED.value
+                j.error = f"superseded by job {newer.id} (synthetic series {newer.output_series_uid})"
+                return True
+            s.execute(update(Job).where(same, Job.generation <= j.generation,
+                                        Job.state.in_([JobState.DONE.value, JobState.FAILED.value]))
+                      .values(state=JobState.SUPERSEDED.value,
+                              error=f"superseded by job {j.id} (synthetic series {j.output_series_uid})"))
+            return True
+
+    def previous_output(self, job_id: int) -> str | None:
+        """The synthetic series of the latest earlier job of the same series and direction, if one was built."""
+        with self.session() as s:
+            j = s.get(Job, job_id)
+            if j is None:
+                return None
+            return s.scalar(select(Job.output_series_uid).where(
+                Job.series_id == j.series_id, Job.direction == j.direction, Job.id < j.id,
+                Job.output_series_uid.is_not(None), Job.output_series_uid != "").order_by(Job.id.desc()).limit(1))
 
     def job_failed(self, job_id: int, worker: str, error: str, timings: dict[str, float] | None = None) -> bool:
         values: dict[str, Any] = dict(state=JobState.FAILED.value, finished_at=utcnow(), lease_expires_at=None,
@@ -552,4 +640,9 @@ class Ledger:
                 }
                 for r in s.scalars(select(Rejection).order_by(Rejection.id.desc()).limit(limit))
             ] if not state else []
-        return {"series": series, "jobs": jobs, "rejections": rejections}
+            notes = [
+                {"at": iso(n.at), "calling_aet": n.calling_aet, "series_uid": n.series_uid,
+                 "sop_instance_uid": n.sop_instance_uid, "text": n.text}
+                for n in s.scalars(select(Note).order_by(Note.id.desc()).limit(limit))
+            ] if not state else []
+        return {"series": series, "jobs": jobs, "rejections": rejections, "notes": notes}

@@ -26,7 +26,9 @@ class JobState(str, enum.Enum):
     DELIVERING = "delivering"  # output built; sending (or waiting to retry)
     DONE = "done"
     FAILED = "failed"
-    SUPERSEDED = "superseded"  # the series grew before this job started; a newer job covers it
+    # a newer job covers it: the series grew before this job started, or a job of a later generation
+    # of the series (same direction) finished; its synthetic series is replaced by that job's (error names it)
+    SUPERSEDED = "superseded"
 
 
 ACTIVE_JOB_STATES = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.DELIVERING.value)
@@ -125,3 +127,15 @@ class Delivery(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime)
 
     __table_args__ = (UniqueConstraint("job_id", "destination", "sop_instance_uid"),)
+
+
+class Note(Base):
+    """Something an operator should know about an instance that was stored (e.g. replaced with new content)."""
+
+    __tablename__ = "notes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    calling_aet: Mapped[str] = mapped_column(String(16))
+    series_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    text: Mapped[str] = mapped_column(Text)

@@ -93,8 +93,9 @@ class NodeProcess:
     def start(self, timeout: float = 60) -> "NodeProcess":
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # its own process group: kill9() can take down serve and every process it started, and nothing else
         self.proc = subprocess.Popen([*DICOMNODE, "serve", "--config", str(self.config)], stdout=log,
-                                     stderr=subprocess.STDOUT, cwd=self.folder, env=env)
+                                     stderr=subprocess.STDOUT, cwd=self.folder, env=env, start_new_session=True)
         try:
             wait_for_echo(self.port, timeout=timeout, proc=self.proc)
         except Exception:
@@ -121,12 +122,46 @@ class NodeProcess:
             self.proc.wait()
             raise
 
-    def kill9(self) -> None:
+    def worker_pids(self) -> list[int]:
+        """PIDs of the live workers of this node's storage folder (from their slot files)."""
+        pids = []
+        for f in sorted((self.storage / "workers").glob("slot-*.pid")):
+            try:
+                pid = int(f.read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if pid_alive(pid):
+                pids.append(pid)
+        return pids
+
+    def wait_for_workers(self, n: int, timeout: float = 60, exclude: tuple[int, ...] = ()) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = [p for p in self.worker_pids() if p not in exclude]
+            if len(pids) >= n:
+                return pids
+            time.sleep(0.1)
+        raise AssertionError(f"{n} worker(s) did not start in {timeout} s:\n{self.log()[-3000:]}")
+
+    def kill9(self) -> list[int]:
+        """Crash the node as a power loss would: SIGKILL to serve and every process of its group (its workers).
+
+        Returns the PIDs killed besides serve; they are gone (or zombies) on return.
+        """
         assert self.proc is not None
+        workers = self.worker_pids()
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        wait_gone(workers)
+        return workers
+
+    def kill9_serve(self) -> list[int]:
+        """SIGKILL to serve alone (its workers are left to notice); returns the workers' PIDs."""
+        assert self.proc is not None
+        workers = self.worker_pids()
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
-        # workers are children in their own right: kill them too (as a crash of the host would)
-        subprocess.run(["pkill", "-9", "-f", f"{self.config}"], check=False)
+        return workers
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         res = subprocess.run([*DICOMNODE, *args, "--config", str(self.config)], capture_output=True, text=True,
@@ -150,6 +185,28 @@ class NodeProcess:
 
     def series(self, uid: str) -> dict[str, Any] | None:
         return next((s for s in self.status()["series"] if s["series_uid"] == uid), None)
+
+
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes still running after {timeout} s: {[p for p in pids if pid_alive(p)]}")
+        time.sleep(0.05)
 
 
 def pynetdicom_send(port: int, datasets: list[Any], calling: str = "PYNETDICOM", called: str = "DICOMNODE",

@@ -16,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
 from dicomgen import SeriesSpec, dciodvfy_errors, dciodvfy_path, make_series, phantom
 from dicomgen import write_series as write_source
-from dicom_node.build import HIGHDICOM_UID_ROOT, ModelIdentity, build_synthetic_series, write_series
+from dicom_node.build import HIGHDICOM_UID_ROOT, ModelIdentity, Revision, build_synthetic_series, source_digest, write_series
 from dicom_node.config import Direction, OutputConfig
 from dicom_node.volume import SeriesVolume, load_series
 from netutil import SHARED_DATA, needs_shared
@@ -103,13 +103,13 @@ def test_classic_series_is_valid_derived_synthetic_mr(tmp_path: Path) -> None:
         assert ds.Modality == "MR"
         assert ds.SeriesNumber == 3 + 1000
         assert ds.SeriesDescription == "SYNTHETIC T2 (AI) from t1_se_tra"
-        assert ds.InstanceNumber == k + 1
         assert ds.SyntheticData == "YES"
         assert ds.BurnedInAnnotation == "NO"
         assert "SYNTHETIC" in ds.ImageComments and "not for diagnosis" in ds.ImageComments
         # the source slice at the same position is referenced, for image processing
         (ref,) = ds.SourceImageSequence
         source_ds = by_uid[ref.ReferencedSOPInstanceUID]
+        assert ds.InstanceNumber == source_ds.InstanceNumber  # the shuffled numbers are kept, image by image
         assert ref.ReferencedSOPClassUID == MRImageStorage
         assert "ReferencedFrameNumber" not in ref
         assert ref.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
@@ -154,7 +154,7 @@ def test_sagittal_and_oblique_keep_geometry(tmp_path: Path, orientation: tuple[f
     assert ds.SeriesDescription.startswith("SYNTHETIC T1 (AI)")
 
 
-def test_uids_are_deterministic_per_source_and_model(tmp_path: Path) -> None:
+def test_uids_are_deterministic_per_source_model_and_revision(tmp_path: Path) -> None:
     vol, _ = _source(tmp_path, SeriesSpec(slices=5))
     a = _build(vol)
     b = _build(vol)
@@ -165,14 +165,71 @@ def test_uids_are_deterministic_per_source_and_model(tmp_path: Path) -> None:
     for other in (_build(vol, model=OTHER_MODEL), _build(vol, direction=Direction.T2_TO_T1)):
         assert other[0].SeriesInstanceUID != a[0].SeriesInstanceUID
         assert not {d.SOPInstanceUID for d in other} & {d.SOPInstanceUID for d in a}
-    # a late slice does not change the UIDs of the others (a re-run updates the same series)
-    fewer = SeriesVolume(**{**vol.__dict__, "pixels": vol.pixels[:4], "slices": vol.slices[:4]})
-    c = _build(fewer)
-    assert [d.SOPInstanceUID for d in c] == [d.SOPInstanceUID for d in a[:4]]
-    assert c[0].SeriesInstanceUID == a[0].SeriesInstanceUID
     rooted = _build(vol, output=OutputConfig(uid_root="1.2.3.4."))
     assert all(d.SOPInstanceUID.startswith("1.2.3.4.") and len(d.SOPInstanceUID) <= 64 for d in rooted)
     assert rooted[0].SeriesInstanceUID.startswith("1.2.3.4.")
+
+
+def test_a_new_revision_of_the_input_gets_a_new_series_and_new_instance_uids(tmp_path: Path) -> None:
+    """A SOP Instance UID always means one content: a re-synthesis after a late or changed instance never reuses one."""
+    vol, src = _source(tmp_path, SeriesSpec(slices=5))
+    files = sorted((tmp_path / "source").glob("*.dcm"))
+    first = Revision(1, source_digest(files[:4]))
+    fewer = SeriesVolume(**{**vol.__dict__, "pixels": vol.pixels[:4], "slices": vol.slices[:4]})
+    a = _build(fewer, revision=first)
+    assert [d.SOPInstanceUID for d in _build(fewer, revision=first)] == [d.SOPInstanceUID for d in a]  # a re-run
+    second = Revision(2, source_digest(files), supersedes=a[0].SeriesInstanceUID)
+    b = _build(vol, revision=second)
+    assert b[0].SeriesInstanceUID != a[0].SeriesInstanceUID
+    assert not {d.SOPInstanceUID for d in a} & {d.SOPInstanceUID for d in b}
+    # the same generation with other content (an instance replaced in place) is another revision too
+    c = _build(fewer, revision=Revision(1, source_digest(files[1:])))
+    assert not {d.SOPInstanceUID for d in a} & {d.SOPInstanceUID for d in c}
+    # an archive user sees which series is the newer one, and which it replaces
+    assert a[0].SeriesDescription == "SYNTHETIC T2 (AI) from t1_se_tra"
+    assert b[0].SeriesDescription == "SYNTHETIC T2 (AI) from t1_se_tra v2"
+    assert f"replaces synthetic series {a[0].SeriesInstanceUID}" in b[0].ImageComments
+    assert "replaces" not in a[0].ImageComments
+    long = _build(vol, revision=second, output=OutputConfig(series_description="X" * 80))
+    assert len(long[0].SeriesDescription) == 64 and long[0].SeriesDescription.endswith(" v2")
+
+
+def test_source_digest_depends_on_content_not_on_order(tmp_path: Path) -> None:
+    _, src = _source(tmp_path, SeriesSpec(slices=3))
+    files = sorted((tmp_path / "source").glob("*.dcm"))
+    assert source_digest(files) == source_digest(files[::-1])
+    before = source_digest(files)
+    ds = pydicom.dcmread(files[1])
+    ds.PixelData = bytes(len(ds.PixelData))
+    ds.save_as(files[1])
+    assert source_digest(files) != before
+
+
+@needs_dciodvfy
+def test_each_image_keeps_the_instance_number_of_its_source_in_a_1mm_las_series(tmp_path: Path) -> None:
+    """LAS: rows run to the patient's left, columns to anterior, so the normal points to the feet.
+
+    The scanner numbers the slices from the feet up (InstanceNumber grows against the
+    normal); the volume is sorted along the normal, yet each synthetic image keeps its
+    source's number instead of being renumbered 1..n in volume order.
+    """
+    n = 24
+
+    def number_from_the_feet(ds: pydicom.Dataset) -> None:
+        ds.InstanceNumber = n + 1 - int(ds.InstanceNumber)
+
+    vol, src = _source(tmp_path, SeriesSpec(slices=n, rows=32, cols=32, slice_spacing=1.0,
+                                            orientation=(1.0, 0.0, 0.0, 0.0, -1.0, 0.0)), number_from_the_feet)
+    paths = write_series(_build(vol), tmp_path / "out")
+    number_of = {d.SOPInstanceUID: int(d.InstanceNumber) for d in src}
+    seen = []
+    for p in paths:
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        assert int(ds.InstanceNumber) == number_of[ds.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        seen.append((float(ds.ImagePositionPatient[2]), int(ds.InstanceNumber)))
+        assert not dciodvfy_errors(p)
+    # from the feet up: z grows with the instance number, as in the source
+    assert [num for _, num in sorted(seen)] == list(range(1, n + 1))
 
 
 @needs_dciodvfy

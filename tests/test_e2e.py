@@ -174,43 +174,70 @@ def test_kill_9_during_inference_and_during_sending_still_delivers_exactly_one_s
             send(node, t1, tmp_path / "t1")
             uid = t1[0].SeriesInstanceUID
             job_of(node, uid, ("running",), timeout=60)
-            node.kill9()  # during loading/inference
+            killed = node.kill9()  # during loading/inference: serve and its worker die
+            assert killed and not slow.received
             node.start()
-            job_of(node, uid, ("delivering",), timeout=180)
+            delivering = job_of(node, uid, ("delivering",), timeout=180)
+            assert not delivering["worker"].endswith(tuple(f":{p}" for p in killed))  # a new worker resumed it
             deadline = time.monotonic() + 60
             while len(slow.received) < 4 and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert len(slow.received) >= 4  # the destination is sitting on instance 4
-            node.kill9()  # during sending
+            assert len(slow.received) == 4  # the destination is sitting on instance 4
+            sender = node.worker_pids()
+            killed = node.kill9()  # during sending
+            assert set(sender) <= set(killed)
+            time.sleep(7)  # the destination's answer to instance 4 now goes nowhere
+            assert len(slow.received) == 4  # nothing was sent after the kill
             node.start()
             job = job_of(node, uid, ("done",), timeout=180)
             assert job["output_instances"] == 32
             out_dir = node.storage / "output" / f"job-{job['id']}"
             expected = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in out_dir.glob("*.dcm")}
             assert len(expected) == 32 and set(slow.received) == expected  # one series, every instance
+            # the first four went twice: before the kill, and again by the restarted node's worker
+            assert len(slow.received) == 36 and set(slow.received[:4]) <= set(slow.received[4:])
             series_uids = {dcmread(p, stop_before_pixels=True).SeriesInstanceUID for p in out_dir.glob("*.dcm")}
             assert series_uids == {job["output_series_uid"]}
         finally:
             node.stop()
 
 
-def test_late_instances_update_the_same_synthetic_series(tmp_path: Path) -> None:
-    with OrthancServer(tmp_path / "orthanc") as pacs:
+def test_a_late_instance_gives_a_new_synthetic_series_and_never_reuses_an_instance_uid(tmp_path: Path) -> None:
+    """An archive that does not overwrite (Orthanc's default) must not end up holding a mixed series."""
+    with OrthancServer(tmp_path / "orthanc", extra_config={"OverwriteInstances": False}) as pacs:
         node = start_node(tmp_path / "node", [dest(pacs, "orthanc")])
         try:
-            t1 = make_series(SeriesSpec(weighting="T1", slices=14))
+            t1 = make_series(SeriesSpec(weighting="T1", slices=14, shuffle_instance_numbers=True))
             send(node, t1[:10], tmp_path / "first")
             first = job_of(node, t1[0].SeriesInstanceUID, ("done",))
-            uids_first = {i["MainDicomTags"]["SOPInstanceUID"] for i in pacs.instances_of_series(first["output_series_uid"])}
-            assert len(uids_first) == 10
             send(node, t1[10:], tmp_path / "late")
-            node.wait_for(lambda s: len([j for j in s["jobs"] if j["state"] == "done"]) == 2, timeout=180,
-                          what="second job done")
-            second = node.status()["jobs"][0]
-            assert second["id"] != first["id"] and second["output_series_uid"] == first["output_series_uid"]
-            uids_second = {i["MainDicomTags"]["SOPInstanceUID"] for i in pacs.instances_of_series(first["output_series_uid"])}
-            assert len(uids_second) == 14 and uids_first <= uids_second
-            assert len(synthetic_in_orthanc(pacs, t1[0].StudyInstanceUID)) == 1
+            node.wait_for(lambda s: any(j["state"] == "done" and j["id"] != first["id"] for j in s["jobs"]),
+                          timeout=180, what="second job done")
+            jobs = {j["id"]: j for j in node.status()["jobs"]}
+            second = next(j for j in jobs.values() if j["id"] != first["id"])
+            old = read_back(pacs, first["output_series_uid"])
+            new = read_back(pacs, second["output_series_uid"])
+            # two distinct series, each exactly its own job's output, no instance UID in both
+            assert second["output_series_uid"] != first["output_series_uid"]
+            assert len(old) == 10 and len(new) == 14
+            assert not {d.SOPInstanceUID for d in old} & {d.SOPInstanceUID for d in new}
+            for job, got in ((first, old), (second, new)):
+                built = {dcmread(p).SOPInstanceUID: dcmread(p) for p in
+                         (node.storage / "output" / f"job-{job['id']}").glob("*.dcm")}
+                assert {d.SOPInstanceUID for d in got} == set(built)
+                for d in got:  # no mixed pixels: what the PACS holds is what this job built
+                    assert d.PixelData == built[d.SOPInstanceUID].PixelData
+            # the archive user sees which is current; the ledger marks the old one superseded
+            assert {d.SeriesDescription for d in old} == {"SYNTHETIC T2 (AI) from t1_se_tra"}
+            assert {d.SeriesDescription for d in new} == {"SYNTHETIC T2 (AI) from t1_se_tra v2"}
+            assert all(f"replaces synthetic series {first['output_series_uid']}" in d.ImageComments for d in new)
+            assert jobs[first["id"]]["state"] == "superseded"
+            assert f"superseded by job {second['id']}" in jobs[first["id"]]["error"]
+            assert len(synthetic_in_orthanc(pacs, t1[0].StudyInstanceUID)) == 2
+            # each synthetic image keeps its source image's InstanceNumber
+            number_of = {d.SOPInstanceUID: int(d.InstanceNumber) for d in t1}
+            for d in old + new:
+                assert int(d.InstanceNumber) == number_of[d.SourceImageSequence[0].ReferencedSOPInstanceUID]
         finally:
             node.stop()
 

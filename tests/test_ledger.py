@@ -151,3 +151,28 @@ def test_serve_folds_the_wal_back_itself(tmp_path: Path) -> None:
     assert done2 == frames2 > 0
     assert led.status()["series"][0]["instances"] == 51
     led.close()
+
+
+def _job_of_generation(ledger: Ledger, sop: str) -> int:
+    ledger.record_instance(rec(sop, series="1.3.77"))
+    (due,) = ledger.due_series(0, None, now=utcnow() + timedelta(seconds=1))
+    jid = ledger.complete_series(due, classification="T1", reason="r", direction="t1-to-t2")
+    assert isinstance(jid, int)
+    return jid
+
+
+def test_a_finished_later_generation_supersedes_the_earlier_job_whichever_finishes_first(ledger: Ledger) -> None:
+    g1 = _job_of_generation(ledger, "1.9.1")
+    assert ledger.claim_job("w1", 60) is not None  # generation 1 runs...
+    g2 = _job_of_generation(ledger, "1.9.2")  # ...while a late instance reopens the series
+    claimed = ledger.claim_job("w2", 60)
+    assert claimed is not None and claimed.id == g2 and claimed.generation == 2
+    assert ledger.job_done(g2, "w2", {})
+    assert ledger.job_done(g1, "w1", {})  # the older job finishes last
+    jobs = {j["id"]: j for j in ledger.status()["jobs"]}
+    assert jobs[g2]["state"] == "done"
+    assert jobs[g1]["state"] == "superseded" and f"superseded by job {g2}" in jobs[g1]["error"]
+    g3 = _job_of_generation(ledger, "1.9.3")
+    assert ledger.claim_job("w3", 60) is not None and ledger.job_done(g3, "w3", {})
+    jobs = {j["id"]: j for j in ledger.status()["jobs"]}
+    assert [jobs[i]["state"] for i in (g1, g2, g3)] == ["superseded", "superseded", "done"]
