@@ -107,20 +107,49 @@ def status(config_path: Path, state: str | None, limit: int, as_json: bool) -> N
 
 @cli.command()
 @config_option
-@click.argument("job_id", type=int)
-def retry(config_path: Path, job_id: int) -> None:
-    """Re-queue a failed job."""
+@click.argument("job_id", type=int, required=False)
+@click.option("--all-failed", is_flag=True, help="Retry every failed job.")
+@click.option("--force", is_flag=True, help="Also retry a job that is done (sends every instance again).")
+def retry(config_path: Path, job_id: int | None, all_failed: bool, force: bool) -> None:
+    """Start a new run of a failed job: re-send its built output if it is intact, else synthesize again.
+
+    Only instances a destination has not confirmed are sent again.
+    """
+    from dicom_node.outputs import OutputDamaged, check_output
     from storage.ledger import Ledger
 
+    if (job_id is None) == (not all_failed):
+        raise UsageFailure("retry: give a JOB id or --all-failed (not both)")
     cfg = read_config(config_path)
     ledger = Ledger(cfg.storage.ledger_url)
     try:
-        prev = ledger.retry_job(job_id)
-    except (KeyError, ValueError) as exc:
-        raise UsageFailure(str(exc).strip("'\"")) from None
+        ids = ledger.failed_job_ids() if all_failed else [job_id]
+        if not ids:
+            click.echo("no failed jobs")
+            return
+        for jid in ids:
+            assert jid is not None
+            job = ledger.job(jid)
+            if job is None:
+                raise UsageFailure(f"no job {jid}")
+            try:
+                check_output(job.output_dir, job.output_instances, job.output_series_uid)
+                resend, why = True, ""
+            except OutputDamaged as exc:
+                resend, why = False, str(exc)
+            try:
+                out = ledger.retry_job(jid, resend=resend, force=force)
+            except (KeyError, ValueError) as exc:
+                raise UsageFailure(str(exc).strip("'\"")) from None
+            was = f"was {out.previous_state}" + (f" after {job.attempts} delivery attempt(s)" if job.attempts else "")
+            if resend:
+                kept = ", ".join(f"{n} already stored at {d}" for d, n in sorted(out.already_stored.items()))
+                click.echo(f"job {jid} re-queued ({was}): re-sending the built output "
+                           f"({job.output_instances} instances{'; ' + kept + ', not sent again' if kept else ''})")
+            else:
+                click.echo(f"job {jid} re-queued ({was}): will be synthesized again ({why})")
     finally:
         ledger.close()
-    click.echo(f"job {job_id} re-queued (was {prev})")
 
 
 def _register_ml_commands() -> None:

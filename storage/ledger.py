@@ -28,6 +28,7 @@ from storage.models import (
     Delivery,
     Instance,
     Job,
+    JobRun,
     JobState,
     Rejection,
     Series,
@@ -96,6 +97,14 @@ class ClaimedJob:
     runs: int
     created_at: datetime
     timings: dict[str, float]
+    queued_at: datetime | None = None  # when this run became due (its "waiting" starts here)
+
+
+@dataclass(frozen=True)
+class RetryOutcome:
+    previous_state: str
+    resend: bool  # True: the built output is sent again; False: the job runs from the start
+    already_stored: dict[str, int]  # per destination, instances that will not be sent again
 
 
 class _HotStatements:
@@ -375,7 +384,8 @@ class Ledger:
             assert j is not None
             s.refresh(j)
             return ClaimedJob(j.id, j.series_id, j.source_series_uid, j.generation, j.direction, from_state,
-                              j.output_dir, j.output_series_uid, j.attempts, j.runs, j.created_at, dict(j.timings or {}))
+                              j.output_dir, j.output_series_uid, j.attempts, j.runs, j.created_at, dict(j.timings or {}),
+                              queued_at=j.next_attempt_at)
 
     def _update_owned(self, job_id: int, worker: str, **values: Any) -> bool:
         with self.session() as s, s.begin():
@@ -434,8 +444,16 @@ class Ledger:
                                   lease_expires_at=at, attempts=Job.attempts + 1, error=error[:2000],
                                   timings=timings)
 
-    def retry_job(self, job_id: int) -> str:
-        """Re-queue a failed (or done) job from the start.  Returns the previous state."""
+    def retry_job(self, job_id: int, *, resend: bool, force: bool = False) -> RetryOutcome:
+        """Start a new run of a failed job (or, with *force*, a done one).
+
+        With *resend* (its built output is intact) the job goes straight to
+        delivery and only instances not yet stored at a destination are sent
+        (all of them again for a forced done job); otherwise it is synthesized
+        from the start.  The ended run's attempts, timings and error are kept
+        in ``job_runs``; the new run starts from zero.
+        """
+        now = utcnow()
         with self.session() as s, s.begin():
             j = s.get(Job, job_id)
             if j is None:
@@ -443,15 +461,40 @@ class Ledger:
             prev = j.state
             if prev in ACTIVE_JOB_STATES:
                 raise ValueError(f"job {job_id} is {prev}; only failed or done jobs can be retried")
-            j.state = JobState.QUEUED.value
-            j.next_attempt_at = utcnow()
-            j.lease_expires_at = None
+            if prev == JobState.DONE.value and not force:
+                raise ValueError(f"job {job_id} is done (every instance delivered); --force sends it again")
+            if prev == JobState.SUPERSEDED.value:
+                raise ValueError(f"job {job_id} is superseded; a newer job of the same series covers it")
+            s.add(JobRun(job_id=job_id, state=prev, error=j.error, attempts=j.attempts, started_at=j.started_at,
+                         finished_at=j.finished_at, timings=dict(j.timings or {})))
+            if not resend or prev == JobState.DONE.value:
+                # new content (or an explicit resend of everything): nothing counts as stored any more
+                s.execute(update(Delivery).where(Delivery.job_id == job_id).values(stored=False))
+            j.state = (JobState.DELIVERING if resend else JobState.QUEUED).value
+            j.next_attempt_at = now
+            j.lease_expires_at = now if resend else None  # a delivering job is claimable once its lease is past
             j.worker = None
             j.attempts = 0
             j.error = None
+            j.started_at = None
             j.finished_at = None
-            s.execute(update(Delivery).where(Delivery.job_id == job_id).values(stored=False))
-            return prev
+            j.timings = {}
+            stored = {
+                d: int(n) for d, n in s.execute(
+                    select(Delivery.destination, func.count())
+                    .where(Delivery.job_id == job_id, Delivery.stored.is_(True)).group_by(Delivery.destination))
+            }
+            return RetryOutcome(prev, resend, stored)
+
+    def failed_job_ids(self) -> list[int]:
+        with self.session() as s:
+            return list(s.scalars(select(Job.id).where(Job.state == JobState.FAILED.value).order_by(Job.id)))
+
+    def stored_instances(self, job_id: int, destination: str) -> set[str]:
+        """SOP Instance UIDs of the job that *destination* has confirmed as stored."""
+        with self.session() as s:
+            return set(s.scalars(select(Delivery.sop_instance_uid).where(
+                Delivery.job_id == job_id, Delivery.destination == destination, Delivery.stored.is_(True))))
 
     def record_deliveries(self, job_id: int, destination: str, outcomes: Sequence[tuple[str, int | None, bool, str]]) -> None:
         """Upsert (sop_instance_uid, status, stored, detail) rows for one destination."""
@@ -527,6 +570,8 @@ class Ledger:
                     "started_at": iso(j.started_at),
                     "finished_at": iso(j.finished_at),
                     "next_attempt_at": iso(j.next_attempt_at) if j.state == JobState.DELIVERING.value else None,
+                    # a delivery attempt failed and the next one is scheduled
+                    "retrying": j.state == JobState.DELIVERING.value and j.attempts > 0,
                     "timings": dict(j.timings or {}),
                 }
                 for j in s.scalars(jq)
@@ -540,8 +585,15 @@ class Ledger:
                     .group_by(Delivery.job_id, Delivery.destination)
                 ):
                     counts.setdefault(jid, {})[dest] = f"{int(stored or 0)}/{total} stored"
+                runs: dict[int, list[dict[str, Any]]] = {}
+                for r in s.scalars(select(JobRun).where(JobRun.job_id.in_([j["id"] for j in jobs]))
+                                   .order_by(JobRun.id)):
+                    runs.setdefault(r.job_id, []).append({
+                        "state": r.state, "error": r.error, "attempts": r.attempts, "started_at": iso(r.started_at),
+                        "finished_at": iso(r.finished_at), "timings": dict(r.timings or {})})
                 for j in jobs:
                     j["deliveries"] = counts.get(j["id"], {})
+                    j["previous_runs"] = runs.get(j["id"], [])
             rejections = [
                 {
                     "at": iso(r.at),
