@@ -152,6 +152,33 @@ def retry(config_path: Path, job_id: int | None, all_failed: bool, force: bool) 
         ledger.close()
 
 
+@cli.command()
+@config_option
+@click.argument("destination", required=False)
+@click.option("--timeout", type=click.FloatRange(0.1), default=10.0, show_default=True, help="Seconds per destination.")
+def echo(config_path: Path, destination: str | None, timeout: float) -> None:
+    """C-ECHO every configured destination (or the one named): one line each; exit 1 if any does not answer."""
+    from dicom_node.echo import echo as c_echo
+
+    cfg = read_config(config_path)
+    dests = list(cfg.destinations)
+    if not dests:
+        raise UsageFailure(f"{config_path}: no [[destinations]] configured")
+    if destination is not None:
+        dests = [d for d in dests if destination in (d.label, d.name, d.ae_title)]
+        if not dests:
+            known = ", ".join(d.label for d in cfg.destinations)
+            raise UsageFailure(f"no destination {destination!r} in {config_path} (configured: {known})")
+    calling = cfg.delivery.calling_ae_title or cfg.node.ae_title
+    failed = 0
+    for d in dests:
+        r = c_echo(d, calling_ae_title=calling, timeout=timeout)
+        failed += not r.ok
+        where = f"{d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}"
+        click.echo(f"{d.label}: {where}: {'ok' if r.ok else 'FAILED'}: {r.answer} ({r.seconds:.2f} s)")
+    sys.exit(1 if failed else 0)
+
+
 def _register_ml_commands() -> None:
     from dicom_node.cli_ml import COMMANDS
 
