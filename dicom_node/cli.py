@@ -25,6 +25,12 @@ class UsageFailure(click.ClickException):
         click.echo(f"dicomnode: {self.format_message()}", err=True)
 
 
+def _one_line(exc: BaseException) -> str:
+    """The driver's message without SQLAlchemy's statement dump and links."""
+    orig = getattr(exc, "orig", None)
+    return str(orig or exc).splitlines()[0] if str(orig or exc) else type(exc).__name__
+
+
 def config_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("config.toml"),
@@ -90,13 +96,24 @@ def worker(config_path: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(config_path: Path, state: str | None, limit: int, as_json: bool) -> None:
     """Show series and jobs, newest first (reads the ledger; works while serve runs)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from dicom_node.status import render
+    from storage.db import LedgerError
     from storage.ledger import Ledger
 
     cfg = read_config(config_path)
-    ledger = Ledger(cfg.storage.ledger_url)
+    where = cfg.storage.ledger_url.removeprefix("sqlite:///")
+    try:
+        ledger = Ledger(cfg.storage.ledger_url, read_only=True)
+    except LedgerError as exc:
+        raise UsageFailure(str(exc)) from None
+    except (SQLAlchemyError, OSError) as exc:
+        raise UsageFailure(f"cannot read the ledger at {where}: {_one_line(exc)}") from None
     try:
         data = ledger.status(state=state, limit=limit)
+    except (SQLAlchemyError, OSError) as exc:
+        raise UsageFailure(f"cannot read the ledger at {where}: {_one_line(exc)}") from None
     finally:
         ledger.close()
     if as_json:

@@ -22,7 +22,7 @@ from sqlalchemy import and_, bindparam, case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.db import checkpoint, make_engine, migrate
+from storage.db import check_schema, checkpoint, make_engine, make_read_only_engine, migrate
 from storage.models import (
     ACTIVE_JOB_STATES,
     Delivery,
@@ -130,16 +130,35 @@ class _HotStatements:
 
 
 class Ledger:
-    def __init__(self, url: str, *, background_checkpoints: bool = False) -> None:
+    def __init__(self, url: str, *, background_checkpoints: bool = False, read_only: bool = False) -> None:
+        """Open (creating or migrating) the ledger at *url*.
+
+        With *read_only* (``dicomnode status``) nothing is created, migrated
+        or written and no write lock is ever taken; only reading methods work.
+        """
         self.url = url
-        self.engine = make_engine(url, background_checkpoints=background_checkpoints)
-        self.schema_version = migrate(self.engine)
+        self.read_only = read_only
+        self._tables: set[str] | None = None  # None: every table of the current schema exists
+        if read_only:
+            self.engine = make_read_only_engine(url)
+            try:
+                self.schema_version, self._tables = check_schema(self.engine)
+            except BaseException:
+                self.engine.dispose()
+                raise
+        else:
+            self.engine = make_engine(url, background_checkpoints=background_checkpoints)
+            self.schema_version = migrate(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._hot = _HotStatements()
         self._fast_path = bool(self.engine.dialect.update_returning)  # SQLite >= 3.35, PostgreSQL
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def has_table(self, name: str) -> bool:
+        """False only for a table an older ledger, opened read-only, does not have yet."""
+        return self._tables is None or name in self._tables
 
     def checkpoint(self) -> tuple[int, int] | None:
         """Housekeeping off the receive path (see :func:`storage.db.checkpoint`)."""
@@ -587,7 +606,7 @@ class Ledger:
                     counts.setdefault(jid, {})[dest] = f"{int(stored or 0)}/{total} stored"
                 runs: dict[int, list[dict[str, Any]]] = {}
                 for r in s.scalars(select(JobRun).where(JobRun.job_id.in_([j["id"] for j in jobs]))
-                                   .order_by(JobRun.id)):
+                                   .order_by(JobRun.id)) if self.has_table("job_runs") else ():
                     runs.setdefault(r.job_id, []).append({
                         "state": r.state, "error": r.error, "attempts": r.attempts, "started_at": iso(r.started_at),
                         "finished_at": iso(r.finished_at), "timings": dict(r.timings or {})})
