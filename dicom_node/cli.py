@@ -31,6 +31,14 @@ def _one_line(exc: BaseException) -> str:
     return str(orig or exc).splitlines()[0] if str(orig or exc) else type(exc).__name__
 
 
+def _valid_state(value: str | None) -> str | None:
+    from storage.ledger import Ledger
+
+    if value is not None and value not in Ledger.STATES:
+        raise UsageFailure(f"status --state: unknown state {value!r} (valid: {', '.join(Ledger.STATES)})")
+    return value
+
+
 def config_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("config.toml"),
@@ -91,7 +99,9 @@ def worker(config_path: Path) -> None:
 
 @cli.command()
 @config_option
-@click.option("--state", default=None, help="Only series/jobs in this state (e.g. receiving, queued, failed).")
+@click.option("--state", default=None, callback=lambda _c, _p, v: _valid_state(v),
+              help="Only series/jobs in this state: receiving, selected, not_selected, queued, running, delivering, "
+                   "retrying, done, failed, superseded.")
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(config_path: Path, state: str | None, limit: int, as_json: bool) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Sequence
 
-from sqlalchemy import and_, bindparam, case, func, or_, select, update
+from sqlalchemy import and_, bindparam, case, false, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -549,11 +549,17 @@ class Ledger:
             return s.get(Job, job_id)
 
     # ============================================================ reading
+    #: what ``status(state=...)`` accepts: series states, job states, and "retrying" (delivering after a failed attempt)
+    STATES = tuple(dict.fromkeys([*(x.value for x in SeriesState), *(x.value for x in JobState), "retrying"]))
+
     def status(self, *, state: str | None = None, limit: int = 50) -> dict[str, list[dict[str, Any]]]:
         with self.session() as s:
             sq = select(Series).order_by(Series.last_received_at.desc(), Series.id.desc()).limit(limit)
             jq = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
-            if state:
+            if state == "retrying":
+                sq = sq.where(false())
+                jq = jq.where(Job.state == JobState.DELIVERING.value, Job.attempts > 0)
+            elif state:
                 sq = sq.where(Series.state == state)
                 jq = jq.where(Job.state == state)
             series = [
@@ -574,6 +580,18 @@ class Ledger:
                 }
                 for r in s.scalars(sq)
             ]
+            if series:
+                # study date from the series' first instance (header facts; older ledgers may lack it)
+                by_uid = {x["series_uid"]: x for x in series}
+                first = (select(Instance.series_id, func.min(Instance.id).label("iid"))
+                         .join(Series, Series.id == Instance.series_id)
+                         .where(Series.series_uid.in_(list(by_uid))).group_by(Instance.series_id).subquery())
+                for uid, attrs in s.execute(select(Series.series_uid, Instance.attrs)
+                                            .join(first, first.c.iid == Instance.id)
+                                            .join(Series, Series.id == first.c.series_id)):
+                    by_uid[uid]["study_date"] = (attrs or {}).get("study_date") or None
+                for x in series:
+                    x.setdefault("study_date", None)
             jobs = [
                 {
                     "id": j.id,

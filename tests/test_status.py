@@ -61,3 +61,34 @@ def test_an_unreadable_ledger_is_one_line_and_exit_2(tmp_path: Path) -> None:
     garbage = node.cli("status", "--json")
     assert garbage.returncode == 2 and len(garbage.stderr.splitlines()) == 1, garbage.stderr
     assert "cannot read the ledger" in garbage.stderr and garbage.stdout == ""
+
+
+def test_an_unknown_state_lists_the_valid_ones(tmp_path: Path) -> None:
+    node = make_node(tmp_path / "node", [])
+    res = node.cli("status", "--state", "bogus")
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1
+    for state in ("receiving", "selected", "not_selected", "queued", "running", "delivering", "retrying", "done",
+                  "failed", "superseded"):
+        assert state in res.stderr
+    assert node.cli("status", "--state", "retrying").returncode == 0
+
+
+def test_the_table_is_readable_at_100_columns(tmp_path: Path) -> None:
+    node = make_node(tmp_path / "node", [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}],
+                     delivery={"backoff_initial_seconds": 0.3, "backoff_max_seconds": 0.6, "timeout_seconds": 3.0})
+    job_id, _ = node.add_built_job(slices=4, description="t1_mprage_sag_p2_iso")
+    node.run_worker(lambda st: node.job(job_id)["attempts"] >= 1)
+    data = node.ledger.status()
+    series, job = data["series"][0], data["jobs"][0]
+    res = node.cli("status", env={"COLUMNS": "100"})
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert max(len(line) for line in out.splitlines()) <= 100
+    assert series["series_uid"] not in out and series["series_uid"][-12:] in out  # shortened UIDs
+    assert job["output_series_uid"][-12:] in out
+    assert "t1_mprage_sag_p2_iso" in out and "MR" in out
+    sd = series["study_date"]
+    assert sd and f"{sd[:4]}-{sd[4:6]}-{sd[6:]}" in out  # study date
+    for stage in ("waiting", "inference", "sending"):  # full stage names
+        assert f"{stage} " in out
+    assert "retrying (next attempt at" in out and "cannot connect" in out
