@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage.db import check_schema, checkpoint, make_engine, make_read_only_engine, migrate
 from storage.models import (
     ACTIVE_JOB_STATES,
+    AssociationRejection,
     Delivery,
     Instance,
     Job,
@@ -268,6 +269,19 @@ class Ledger:
                     reason=reason,
                 )
             )
+
+    #: association rejections kept (older ones are dropped, so a flood of rejected peers cannot fill the disk)
+    KEEP_ASSOCIATION_REJECTIONS = 1000
+
+    def record_association_rejection(self, *, calling_aet: str, called_aet: str, peer: str, result: str,
+                                     reason: str) -> None:
+        with self.session() as s, s.begin():
+            row = AssociationRejection(at=utcnow(), calling_aet=calling_aet[:16], called_aet=called_aet[:16],
+                                       peer=peer[:64], result=result[:32], reason=reason)
+            s.add(row)
+            s.flush()
+            s.execute(AssociationRejection.__table__.delete().where(
+                AssociationRejection.id <= row.id - self.KEEP_ASSOCIATION_REJECTIONS))
 
     def mark_released(self, series_uids: Iterable[str], now: datetime | None = None) -> None:
         uids = list(series_uids)
@@ -633,6 +647,7 @@ class Ledger:
                     j["previous_runs"] = runs.get(j["id"], [])
             rejections = [
                 {
+                    "kind": "instance",
                     "at": iso(r.at),
                     "calling_aet": r.calling_aet,
                     "sop_instance_uid": r.sop_instance_uid,
@@ -641,4 +656,20 @@ class Ledger:
                 }
                 for r in s.scalars(select(Rejection).order_by(Rejection.id.desc()).limit(limit))
             ] if not state else []
+            if not state and self.has_table("association_rejections"):
+                rejections += [
+                    {
+                        "kind": "association",
+                        "at": iso(r.at),
+                        "calling_aet": r.calling_aet,
+                        "called_aet": r.called_aet,
+                        "peer": r.peer,
+                        "status": r.result,
+                        "reason": r.reason,
+                        "sop_instance_uid": None,
+                    }
+                    for r in s.scalars(select(AssociationRejection).order_by(AssociationRejection.id.desc())
+                                       .limit(limit))
+                ]
+                rejections = sorted(rejections, key=lambda r: r["at"] or "", reverse=True)[:limit]
         return {"series": series, "jobs": jobs, "rejections": rejections}

@@ -139,3 +139,16 @@ class JobRun(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+
+
+class AssociationRejection(Base):
+    """An association we rejected (unknown calling AE, wrong called AE, association limit)."""
+
+    __tablename__ = "association_rejections"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    calling_aet: Mapped[str] = mapped_column(String(16))
+    called_aet: Mapped[str] = mapped_column(String(16))
+    peer: Mapped[str] = mapped_column(String(64))
+    result: Mapped[str] = mapped_column(String(32))  # "rejected (permanent)" / "rejected (transient)"
+    reason: Mapped[str] = mapped_column(Text)
