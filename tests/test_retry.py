@@ -142,3 +142,14 @@ def test_bad_retry_settings_are_config_errors(tmp_path: Path, bad: dict[str, flo
 
     with pytest.raises(ConfigError, match="delivery"):
         make_node(tmp_path / "node", [], delivery=bad)
+
+
+def test_an_automatic_retry_after_an_abort_midway_sends_only_what_was_not_stored(tmp_path: Path) -> None:
+    # the 4th C-STORE gets no answer within the timeout: pynetdicom aborts, 3 stored, 3 not
+    with PynetdicomStoreSCP(0x0000, ae_title="PACS", delay=2.5, delay_at=3) as pacs:
+        node = make_node(tmp_path / "node", dest(pacs.port, "PACS"), delivery={**FAST, "timeout_seconds": 1.0})
+        job_id, files = node.add_built_job(slices=6)
+        node.run_worker(lambda st: node.job(job_id)["state"] == "done")
+    first, resent = pacs.received[:4], pacs.received[4:]
+    assert len(resent) == 3 and set(resent) == uids(files) - set(first[:3])  # the three stored are not resent
+    assert node.job(job_id)["attempts"] == 1 and node.job(job_id)["deliveries"] == {"pacs": "6/6 stored"}
