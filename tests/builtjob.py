@@ -41,20 +41,21 @@ class Node:
     def add_built_job(self, slices: int = 6, description: str = "t1_mprage_sag") -> tuple[int, list[Path]]:
         """Receive a T1 series, complete it and build its synthetic series; returns (job id, output files)."""
         src = make_series(SeriesSpec(slices=slices, rows=48, cols=48, description=description))
-        src_dir = self.folder / "source" / src[0].SeriesInstanceUID
-        for ds in src:
+        spool = self.cfg.spool_dir
+        paths = write_source(src, spool / src[0].StudyInstanceUID / src[0].SeriesInstanceUID)
+        for ds, path in zip(src, paths):
             self.ledger.record_instance(InstanceRecord(
                 sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID, study_uid=ds.StudyInstanceUID,
                 series_uid=ds.SeriesInstanceUID, transfer_syntax=ds.file_meta.TransferSyntaxUID,
-                path=f"x/{ds.SOPInstanceUID}.dcm", size_bytes=1, calling_aet="STORESCU", modality="MR",
-                description=description, attrs={"study_date": str(ds.get("StudyDate", ""))}))
+                path=str(path.relative_to(spool)), size_bytes=path.stat().st_size, calling_aet="STORESCU",
+                modality="MR", description=description, attrs={}))
         (due,) = self.ledger.due_series(0, None, now=utcnow() + timedelta(seconds=1))
         job_id = self.ledger.complete_series(due, classification="T1", reason="test", direction="t1-to-t2")
         assert isinstance(job_id, int)
         while (claimed := self.ledger.claim_job(SETUP, 60)) is not None and claimed.id != job_id:
             pass  # an earlier built job, claimable for delivery: held by SETUP until released below
         assert claimed is not None
-        vol = load_series(write_source(src, src_dir))
+        vol = load_series(paths)
         dss = build_synthetic_series(vol, phantom(vol.pixels.shape, "T2"), direction=Direction.T1_TO_T2,
                                      model=MODEL, output=self.cfg.output, node_ae_title=self.cfg.node.ae_title)
         out = self.cfg.storage.dir / "output" / f"job-{job_id}"

@@ -78,7 +78,7 @@ def test_the_table_is_readable_at_100_columns(tmp_path: Path) -> None:
                      delivery={"backoff_initial_seconds": 0.3, "backoff_max_seconds": 0.6, "timeout_seconds": 3.0})
     job_id, _ = node.add_built_job(slices=4, description="t1_mprage_sag_p2_iso")
     node.run_worker(lambda st: node.job(job_id)["attempts"] >= 1)
-    data = node.ledger.status()
+    data = json.loads(node.cli("status", "--json").stdout)
     series, job = data["series"][0], data["jobs"][0]
     res = node.cli("status", env={"COLUMNS": "100"})
     assert res.returncode == 0, res.stderr
