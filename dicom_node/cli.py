@@ -25,6 +25,30 @@ class UsageFailure(click.ClickException):
         click.echo(f"dicomnode: {self.format_message()}", err=True)
 
 
+def _one_line(exc: BaseException) -> str:
+    """The driver's message without SQLAlchemy's statement dump and links."""
+    orig = getattr(exc, "orig", None)
+    return str(orig or exc).splitlines()[0] if str(orig or exc) else type(exc).__name__
+
+
+def _study_date(path: Path) -> str | None:
+    """StudyDate of a spooled instance (read from its header; the ledger keeps no patient or study dates)."""
+    import pydicom
+
+    try:
+        return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyDate"]).get("StudyDate", "")) or None
+    except Exception:  # noqa: BLE001 - a file gone or unreadable just leaves the column empty
+        return None
+
+
+def _valid_state(value: str | None) -> str | None:
+    from storage.ledger import Ledger
+
+    if value is not None and value not in Ledger.STATES:
+        raise UsageFailure(f"status --state: unknown state {value!r} (valid: {', '.join(Ledger.STATES)})")
+    return value
+
+
 def config_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("config.toml"),
@@ -85,20 +109,36 @@ def worker(config_path: Path) -> None:
 
 @cli.command()
 @config_option
-@click.option("--state", default=None, help="Only series/jobs in this state (e.g. receiving, queued, failed).")
+@click.option("--state", default=None, callback=lambda _c, _p, v: _valid_state(v),
+              help="Only series/jobs in this state: receiving, selected, not_selected, queued, running, delivering, "
+                   "retrying, done, failed, superseded.")
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(config_path: Path, state: str | None, limit: int, as_json: bool) -> None:
     """Show series and jobs, newest first (reads the ledger; works while serve runs)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from dicom_node.status import render
+    from storage.db import LedgerError
     from storage.ledger import Ledger
 
     cfg = read_config(config_path)
-    ledger = Ledger(cfg.storage.ledger_url)
+    where = cfg.storage.ledger_url.removeprefix("sqlite:///")
+    try:
+        ledger = Ledger(cfg.storage.ledger_url, read_only=True)
+    except LedgerError as exc:
+        raise UsageFailure(str(exc)) from None
+    except (SQLAlchemyError, OSError) as exc:
+        raise UsageFailure(f"cannot read the ledger at {where}: {_one_line(exc)}") from None
     try:
         data = ledger.status(state=state, limit=limit)
+        firsts = ledger.first_instance_paths([x["series_uid"] for x in data["series"]])
+    except (SQLAlchemyError, OSError) as exc:
+        raise UsageFailure(f"cannot read the ledger at {where}: {_one_line(exc)}") from None
     finally:
         ledger.close()
+    for x in data["series"]:
+        x["study_date"] = _study_date(cfg.spool_dir / firsts[x["series_uid"]]) if x["series_uid"] in firsts else None
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
@@ -107,20 +147,76 @@ def status(config_path: Path, state: str | None, limit: int, as_json: bool) -> N
 
 @cli.command()
 @config_option
-@click.argument("job_id", type=int)
-def retry(config_path: Path, job_id: int) -> None:
-    """Re-queue a failed job."""
+@click.argument("job_id", type=int, required=False)
+@click.option("--all-failed", is_flag=True, help="Retry every failed job.")
+@click.option("--force", is_flag=True, help="Also retry a job that is done (sends every instance again).")
+def retry(config_path: Path, job_id: int | None, all_failed: bool, force: bool) -> None:
+    """Start a new run of a failed job: re-send its built output if it is intact, else synthesize again.
+
+    Only instances a destination has not confirmed are sent again.
+    """
+    from dicom_node.outputs import OutputDamaged, check_output
     from storage.ledger import Ledger
 
+    if (job_id is None) == (not all_failed):
+        raise UsageFailure("retry: give a JOB id or --all-failed (not both)")
     cfg = read_config(config_path)
     ledger = Ledger(cfg.storage.ledger_url)
     try:
-        prev = ledger.retry_job(job_id)
-    except (KeyError, ValueError) as exc:
-        raise UsageFailure(str(exc).strip("'\"")) from None
+        ids = ledger.failed_job_ids() if all_failed else [job_id]
+        if not ids:
+            click.echo("no failed jobs")
+            return
+        for jid in ids:
+            assert jid is not None
+            job = ledger.job(jid)
+            if job is None:
+                raise UsageFailure(f"no job {jid}")
+            try:
+                check_output(job.output_dir, job.output_instances, job.output_series_uid)
+                resend, why = True, ""
+            except OutputDamaged as exc:
+                resend, why = False, str(exc)
+            try:
+                out = ledger.retry_job(jid, resend=resend, force=force)
+            except (KeyError, ValueError) as exc:
+                raise UsageFailure(str(exc).strip("'\"")) from None
+            was = f"was {out.previous_state}" + (f" after {job.attempts} delivery attempt(s)" if job.attempts else "")
+            if resend:
+                kept = ", ".join(f"{n} already stored at {d}" for d, n in sorted(out.already_stored.items()))
+                click.echo(f"job {jid} re-queued ({was}): re-sending the built output "
+                           f"({job.output_instances} instances{'; ' + kept + ', not sent again' if kept else ''})")
+            else:
+                click.echo(f"job {jid} re-queued ({was}): will be synthesized again ({why})")
     finally:
         ledger.close()
-    click.echo(f"job {job_id} re-queued (was {prev})")
+
+
+@cli.command()
+@config_option
+@click.argument("destination", required=False)
+@click.option("--timeout", type=click.FloatRange(0.1), default=10.0, show_default=True, help="Seconds per destination.")
+def echo(config_path: Path, destination: str | None, timeout: float) -> None:
+    """C-ECHO every configured destination (or the one named): one line each; exit 1 if any does not answer."""
+    from dicom_node.echo import echo as c_echo
+
+    cfg = read_config(config_path)
+    dests = list(cfg.destinations)
+    if not dests:
+        raise UsageFailure(f"{config_path}: no [[destinations]] configured")
+    if destination is not None:
+        dests = [d for d in dests if destination in (d.label, d.name, d.ae_title)]
+        if not dests:
+            known = ", ".join(d.label for d in cfg.destinations)
+            raise UsageFailure(f"no destination {destination!r} in {config_path} (configured: {known})")
+    calling = cfg.delivery.calling_ae_title or cfg.node.ae_title
+    failed = 0
+    for d in dests:
+        r = c_echo(d, calling_ae_title=calling, timeout=timeout)
+        failed += not r.ok
+        where = f"{d.ae_title}@{d.host}:{d.port}{' (TLS)' if d.tls else ''}"
+        click.echo(f"{d.label}: {where}: {'ok' if r.ok else 'FAILED'}: {r.answer} ({r.seconds:.2f} s)")
+    sys.exit(1 if failed else 0)
 
 
 def _register_ml_commands() -> None:

@@ -214,9 +214,14 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class DeliveryConfig:
-    max_attempts: int = 6
-    backoff_initial_seconds: float = 2.0
-    backoff_max_seconds: float = 300.0
+    """Retry schedule: wait initial, initial*factor, ... (at most max) between attempts, until the
+    waits add up to ``max_retry_hours`` (or ``max_attempts`` attempts were made, when that is > 0)."""
+
+    max_retry_hours: float = 24.0
+    max_attempts: int = 0  # 0 = no limit by count; max_retry_hours decides
+    backoff_initial_seconds: float = 10.0
+    backoff_factor: float = 2.0
+    backoff_max_seconds: float = 600.0
     timeout_seconds: float = 30.0
     calling_ae_title: str | None = None  # None = node.ae_title
 
@@ -345,6 +350,13 @@ def _positive(ctx: _Ctx, key: str, value: Any, kind: type, allow_zero: bool = Fa
     v = _typed(ctx, key, value, kind)
     if v < 0 or (v == 0 and not allow_zero):
         raise ctx.fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+    return v
+
+
+def _at_least(ctx: _Ctx, key: str, value: Any, minimum: float) -> float:
+    v = _typed(ctx, key, value, float)
+    if v < minimum:
+        raise ctx.fail(key, f"must be >= {minimum:g}, got {v:g}")
     return v
 
 
@@ -554,10 +566,18 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         data.get("delivery", {}),
         DeliveryConfig,
         {
-            "max_attempts": lambda k, v: _positive(ctx, k, v, int),
+            "max_attempts": lambda k, v: _positive(ctx, k, v, int, allow_zero=True),
+            "max_retry_hours": lambda k, v: _positive(ctx, k, v, float),
+            "backoff_initial_seconds": lambda k, v: _positive(ctx, k, v, float),
+            "backoff_max_seconds": lambda k, v: _positive(ctx, k, v, float),
+            "backoff_factor": lambda k, v: _at_least(ctx, k, v, 1.0),
             "calling_ae_title": lambda k, v: _ae(ctx, k, v),
         },
     )
+    if delivery.backoff_max_seconds < delivery.backoff_initial_seconds:
+        raise ctx.fail("delivery.backoff_max_seconds",
+                       f"must be >= backoff_initial_seconds ({delivery.backoff_initial_seconds:g}), "
+                       f"got {delivery.backoff_max_seconds:g}")
 
     dests_raw = data.get("destinations", [])
     if not isinstance(dests_raw, list):

@@ -142,6 +142,42 @@ def _contexts(items: list[_Item]) -> list[tuple[str, list[str]]]:
     return out[:_MAX_CONTEXTS]
 
 
+class _ResponsesToTheSender:
+    """Work around a race in pynetdicom's requestor: keep DIMSE responses away from the association reactor.
+
+    ``send_c_store`` pauses the reactor thread before it sends and waits for the
+    response itself.  The pause handshake checks a flag the reactor only resets
+    once it runs again: when the sender starts the next C-STORE before the
+    reactor thread was scheduled after the previous one (a busy process, the
+    GIL), the reactor is still awake, takes the C-STORE-RSP off the queue,
+    logs "Received unexpected C-STORE service message" and drops it.  The
+    sender then waits the whole DIMSE timeout and aborts the association.
+
+    The reactor of a requestor only ever has to serve *requests* from the peer,
+    so this wrapper around the association's own ``dimse.get_msg`` hands a
+    response the reactor would take (a non-blocking call) back to the queue,
+    where the waiting sender gets it.  Our associations send one request at a
+    time and pynetdicom aborts after a DIMSE timeout, so a response never waits
+    in the queue for a later request.
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        self.dimse = assoc.dimse
+        self.get_msg = assoc.dimse.get_msg
+        self.kept = 0
+
+    def install(self) -> None:
+        self.dimse.get_msg = self  # type: ignore[method-assign]  # this association's provider only
+
+    def __call__(self, block: bool = False) -> Any:
+        context_id, msg = self.get_msg(block=block)
+        if not block and msg is not None and not msg.is_valid_request:
+            self.dimse.msg_queue.put((context_id, msg))
+            self.kept += 1
+            return None, None
+        return context_id, msg
+
+
 def _set_nodelay(assoc: Association) -> bool:
     try:
         sock = assoc.dul.socket.socket  # type: ignore[union-attr]
@@ -236,6 +272,8 @@ def deliver(
             return result
 
         state["nodelay"] = state["nodelay"] or _set_nodelay(assoc)
+        guard = _ResponsesToTheSender(assoc)
+        guard.install()
         for idx, it in enumerate(sendable):
             if not assoc.is_established:
                 detail = "not sent: association " + ("aborted" if assoc.is_aborted else "ended")

@@ -185,7 +185,7 @@ def start_scp(cfg: Config, ledger: Ledger, intake: Intake) -> ThreadedAssociatio
         (evt.EVT_C_STORE, make_store_handler(intake, tracker)),
         (evt.EVT_RELEASED, lambda e: tracker.ended(e, "released")),
         (evt.EVT_ABORTED, lambda e: tracker.ended(e, "aborted")),
-        (evt.EVT_REJECTED, _log_rejected),
+        (evt.EVT_REJECTED, make_rejection_handler(cfg, ledger)),
         (evt.EVT_CONN_CLOSE, tracker.closed),
     ]
     ssl_ctx = server_ssl_context(cfg.security.tls) if cfg.security.tls else None
@@ -195,8 +195,38 @@ def start_scp(cfg: Config, ledger: Ledger, intake: Intake) -> ThreadedAssociatio
     return server
 
 
-def _log_rejected(event: evt.Event) -> None:
-    rq = event.assoc.requestor
-    log.warning(
-        "association from %s (%s:%s) to %s rejected", rq.ae_title, rq.address, rq.port, event.assoc.acceptor.ae_title
-    )
+def rejection_reason(cfg: Config, result: int | None, source: int | None, diagnostic: int | None,
+                     fallback: str) -> str:
+    """The operator's words for an A-ASSOCIATE-RJ we sent."""
+    if (result, source, diagnostic) == (0x01, 0x01, 0x03):
+        return "calling AE title not allowed (security.allowed_calling_aets)"
+    if (result, source, diagnostic) == (0x01, 0x01, 0x07):
+        return f"called AE title is not ours (node.ae_title = {cfg.node.ae_title})"
+    if (result, source, diagnostic) == (0x02, 0x03, 0x02):
+        return f"association limit reached (node.max_associations = {cfg.node.max_associations})"
+    return fallback or "no reason given"
+
+
+def make_rejection_handler(cfg: Config, ledger: Ledger) -> Callable[[evt.Event], None]:
+    """Log and record every association we reject: called AE, calling AE, peer and why."""
+
+    def on_rejected(event: evt.Event) -> None:
+        rq = event.assoc.requestor
+        req = getattr(rq, "primitive", None)  # the A-ASSOCIATE request
+        rj = getattr(event.assoc.acceptor, "primitive", None)  # the A-ASSOCIATE-RJ we answered
+        calling = str(getattr(req, "calling_ae_title", None) or rq.ae_title or "").strip()
+        called = str(getattr(req, "called_ae_title", None) or "").strip()
+        peer = f"{rq.address}:{rq.port}"
+        result = {0x01: "rejected (permanent)", 0x02: "rejected (transient)"}.get(getattr(rj, "result", None),
+                                                                                  "rejected")
+        reason = rejection_reason(cfg, getattr(rj, "result", None), getattr(rj, "result_source", None),
+                                  getattr(rj, "diagnostic", None), str(getattr(rj, "reason_str", "") or ""))
+        log.warning("association rejected: called AE %r, calling AE %r, peer %s: %s, %s",
+                    called, calling, peer, result, reason)
+        try:
+            ledger.record_association_rejection(calling_aet=calling, called_aet=called, peer=peer, result=result,
+                                                reason=reason)
+        except Exception:
+            log.exception("could not record the association rejection")
+
+    return on_rejected

@@ -156,8 +156,20 @@ def release_dead_local_leases(ledger: Ledger) -> int:
     return ledger.release_leases(host, alive)
 
 
+def check_listen_address(host: str, port: int) -> None:
+    """Raise OSError (e.g. address in use) before anything is created on disk, if we could not listen there."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the SCP's own socket: TIME_WAIT is no obstacle
+        s.bind((host, port))
+        s.listen(1)
+
+
 def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
     stop = stop_event or threading.Event()
+    check_listen_address(cfg.node.host, cfg.node.port)  # a port in use must not leave a new ledger behind
     spool, ledger = open_storage(cfg)
     log.info("starting: %s", cfg.summary())
     log.info("ledger schema v%d at %s", ledger.schema_version, cfg.storage.dir)

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.config import Config, Destination, Direction
+from dicom_node.outputs import BuiltOutput, OutputDamaged, check_output
+from dicom_node.retry import RetryPolicy
 from storage.ledger import ClaimedJob, Ledger, utcnow
 from storage.models import JobState
 
@@ -27,11 +29,6 @@ log = logging.getLogger(__name__)
 
 class JobFailed(Exception):
     """A permanent failure of one job (bad series, rejected by the PACS...)."""
-
-
-def backoff_seconds(attempt: int, initial: float, maximum: float) -> float:
-    """Delay before delivery attempt ``attempt + 1`` (attempt counts from 0)."""
-    return min(maximum, initial * (2 ** attempt))
 
 
 class _Heartbeat(threading.Thread):
@@ -95,7 +92,7 @@ class Worker:
         hb.start()
         timings = dict(job.timings)
         if "waiting" not in timings:
-            timings["waiting"] = round((utcnow() - job.created_at).total_seconds(), 3)
+            timings["waiting"] = round((utcnow() - (job.queued_at or job.created_at)).total_seconds(), 3)
         try:
             self._process(job, timings)
         except JobFailed as exc:
@@ -112,21 +109,25 @@ class Worker:
 
     def _process(self, job: ClaimedJob, timings: dict[str, float]) -> None:
         direction = Direction(job.direction)
-        files = self._existing_output(job)
-        if files is None:
+        built = self._existing_output(job)
+        if built is None:
             files = self._synthesize(job, direction, timings)
-        self._deliver(job, direction, files, timings)
+            j = self.ledger.job(job.id)
+            built = check_output(files[0].parent if files else None, len(files), j.output_series_uid if j else None)
+        self._deliver(job, direction, built, timings)
 
-    def _existing_output(self, job: ClaimedJob) -> list[Path] | None:
-        """Output already built by an earlier run of this job (we resume at delivery)."""
+    def _existing_output(self, job: ClaimedJob) -> BuiltOutput | None:
+        """Output already built by an earlier run of this job (we resume at delivery), if it is intact."""
         if job.state != JobState.DELIVERING.value or not job.output_dir:
             return None
-        folder = Path(job.output_dir)
-        files = sorted(folder.glob("*.dcm")) if folder.is_dir() else []
         j = self.ledger.job(job.id)
-        if not files or j is None or len(files) != j.output_instances:
+        if j is None:
             return None
-        return files
+        try:
+            return check_output(job.output_dir, j.output_instances, j.output_series_uid)
+        except OutputDamaged as exc:
+            log.warning("job %d: built output cannot be sent again (%s); synthesizing again", job.id, exc)
+            return None
 
     def _synthesize(self, job: ClaimedJob, direction: Direction, timings: dict[str, float]) -> list[Path]:
         from dicom_node import __version__
@@ -189,23 +190,29 @@ class Worker:
     def destinations_for(self, direction: Direction) -> list[Destination]:
         return [d for d in self.cfg.destinations if direction in d.directions]
 
-    def _deliver(self, job: ClaimedJob, direction: Direction, files: list[Path], timings: dict[str, float]) -> None:
+    def _deliver(self, job: ClaimedJob, direction: Direction, built: BuiltOutput, timings: dict[str, float]) -> None:
         from dicom_node.deliver import deliver
 
+        files = built.files
         dests = self.destinations_for(direction)
         if not dests:
             log.warning("job %d: no destination takes %s; output kept in the spool", job.id, direction.value)
             self.ledger.job_done(job.id, self.name, timings)
             return
-        done = self.ledger.delivered_destinations(job.id, len(files))
         t0 = time.monotonic()
         retryable: list[str] = []
         permanent: list[str] = []
         calling = self.cfg.delivery.calling_ae_title or self.cfg.node.ae_title
         for dest in dests:
-            if dest.label in done:
+            # send only what this destination has not confirmed yet (a retry never sends a stored instance again)
+            stored = self.ledger.stored_instances(job.id, dest.label)
+            todo = [f for f, uid in zip(files, built.sop_instance_uids) if uid not in stored]
+            if not todo:
                 continue
-            res = deliver(files, dest, calling_ae_title=calling, timeout=self.cfg.delivery.timeout_seconds)
+            if stored:
+                log.info("job %d: %d of %d instance(s) already stored at %s; sending the other %d", job.id,
+                         len(files) - len(todo), len(files), dest.label, len(todo))
+            res = deliver(todo, dest, calling_ae_title=calling, timeout=self.cfg.delivery.timeout_seconds)
             self.ledger.record_deliveries(
                 job.id, dest.label, [(o.sop_instance_uid, o.status, o.stored, o.detail) for o in res.outcomes]
             )
@@ -220,13 +227,14 @@ class Worker:
         if permanent:
             raise JobFailed("delivery failed: " + "; ".join(permanent + retryable))
         if retryable:
+            policy = RetryPolicy.from_config(self.cfg.delivery)
             j = self.ledger.job(job.id)
             attempts = (j.attempts if j else job.attempts) + 1
-            if attempts >= self.cfg.delivery.max_attempts:
-                raise JobFailed(f"delivery gave up after {attempts} attempts: " + "; ".join(retryable))
-            delay = backoff_seconds(attempts - 1, self.cfg.delivery.backoff_initial_seconds,
-                                    self.cfg.delivery.backoff_max_seconds)
-            log.warning("job %d: delivery attempt %d failed, retrying in %.0f s: %s", job.id, attempts, delay,
+            if policy.gives_up(attempts):
+                raise JobFailed(f"delivery gave up after {attempts} attempts over "
+                                f"{policy.waited(attempts) / 3600:.2f} h: " + "; ".join(retryable))
+            delay = policy.delay(attempts)
+            log.warning("job %d: delivery attempt %d failed, retrying in %.1f s: %s", job.id, attempts, delay,
                         "; ".join(retryable))
             self.ledger.job_retry_later(job.id, self.name, "; ".join(retryable), delay, timings)
             return

@@ -14,6 +14,8 @@ spooled file that has no row at start-up, so nothing acknowledged is lost.
 from __future__ import annotations
 
 import logging
+import sqlite3
+import urllib.parse
 from pathlib import Path
 from typing import Any, Callable
 
@@ -79,6 +81,53 @@ def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
             conn.connection.driver_connection.execute("BEGIN IMMEDIATE")
 
     return engine
+
+
+def make_read_only_engine(url: str) -> Engine:
+    """An engine that only reads: no file or folder is created, nothing is written, no write lock is taken.
+
+    SQLite: the database must exist; reads run in deferred transactions
+    (WAL readers never wait for a writer) with ``query_only`` on.
+    """
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)  # MVCC: readers never wait for writers; nothing is migrated
+    db = u.database
+    if not db or db == ":memory:":
+        raise LedgerError("an in-memory ledger cannot be read from another process")
+    if not Path(db).is_file():
+        raise LedgerError(f"no ledger at {db} (it is created when `dicomnode serve` starts)")
+    uri = f"file:{urllib.parse.quote(str(Path(db).resolve()))}?mode=rw"  # rw: never create; query_only: never write
+
+    def connect() -> sqlite3.Connection:
+        con = sqlite3.connect(uri, uri=True, timeout=5, check_same_thread=False, isolation_level=None)
+        con.execute("PRAGMA query_only=ON")
+        con.execute("PRAGMA busy_timeout=5000")
+        return con
+
+    engine = create_engine("sqlite://", creator=connect)
+
+    @event.listens_for(engine, "begin")
+    def _sqlite_begin_deferred(conn: Any) -> None:
+        conn.connection.driver_connection.execute("BEGIN")  # a read snapshot; takes no write lock
+
+    return engine
+
+
+def check_schema(engine: Engine) -> tuple[int, set[str]]:
+    """(schema version, table names) of an existing ledger, without changing it."""
+    insp = inspect(engine)
+    tables = set(insp.get_table_names())
+    if "meta" not in tables or "jobs" not in tables:
+        raise LedgerError("not a dicomnode ledger (no meta/jobs tables)")
+    with Session(engine) as session:
+        row = session.scalar(select(Meta).where(Meta.key == "schema_version"))
+    version = int(row.value) if row else 0
+    if version > SCHEMA_VERSION:
+        raise LedgerError(
+            f"ledger schema v{version} is newer than this dicomnode understands (v{SCHEMA_VERSION}); upgrade dicomnode"
+        )
+    return version, tables
 
 
 def checkpoint(engine: Engine) -> tuple[int, int] | None:

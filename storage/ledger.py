@@ -18,16 +18,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Sequence
 
-from sqlalchemy import and_, bindparam, case, func, or_, select, update
+from sqlalchemy import and_, bindparam, case, false, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage.db import checkpoint, make_engine, migrate
+from storage.db import check_schema, checkpoint, make_engine, make_read_only_engine, migrate
 from storage.models import (
     ACTIVE_JOB_STATES,
+    AssociationRejection,
     Delivery,
     Instance,
     Job,
+    JobRun,
     JobState,
     Note,
     Rejection,
@@ -113,6 +115,14 @@ class ClaimedJob:
     runs: int
     created_at: datetime
     timings: dict[str, float]
+    queued_at: datetime | None = None  # when this run became due (its "waiting" starts here)
+
+
+@dataclass(frozen=True)
+class RetryOutcome:
+    previous_state: str
+    resend: bool  # True: the built output is sent again; False: the job runs from the start
+    already_stored: dict[str, int]  # per destination, instances that will not be sent again
 
 
 class _HotStatements:
@@ -138,16 +148,35 @@ class _HotStatements:
 
 
 class Ledger:
-    def __init__(self, url: str, *, background_checkpoints: bool = False) -> None:
+    def __init__(self, url: str, *, background_checkpoints: bool = False, read_only: bool = False) -> None:
+        """Open (creating or migrating) the ledger at *url*.
+
+        With *read_only* (``dicomnode status``) nothing is created, migrated
+        or written and no write lock is ever taken; only reading methods work.
+        """
         self.url = url
-        self.engine = make_engine(url, background_checkpoints=background_checkpoints)
-        self.schema_version = migrate(self.engine)
+        self.read_only = read_only
+        self._tables: set[str] | None = None  # None: every table of the current schema exists
+        if read_only:
+            self.engine = make_read_only_engine(url)
+            try:
+                self.schema_version, self._tables = check_schema(self.engine)
+            except BaseException:
+                self.engine.dispose()
+                raise
+        else:
+            self.engine = make_engine(url, background_checkpoints=background_checkpoints)
+            self.schema_version = migrate(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._hot = _HotStatements()
         self._fast_path = bool(self.engine.dialect.update_returning)  # SQLite >= 3.35, PostgreSQL
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def has_table(self, name: str) -> bool:
+        """False only for a table an older ledger, opened read-only, does not have yet."""
+        return self._tables is None or name in self._tables
 
     def checkpoint(self) -> tuple[int, int] | None:
         """Housekeeping off the receive path (see :func:`storage.db.checkpoint`)."""
@@ -297,6 +326,19 @@ class Ledger:
                 )
             )
 
+    #: association rejections kept (older ones are dropped, so a flood of rejected peers cannot fill the disk)
+    KEEP_ASSOCIATION_REJECTIONS = 1000
+
+    def record_association_rejection(self, *, calling_aet: str, called_aet: str, peer: str, result: str,
+                                     reason: str) -> None:
+        with self.session() as s, s.begin():
+            row = AssociationRejection(at=utcnow(), calling_aet=calling_aet[:16], called_aet=called_aet[:16],
+                                       peer=peer[:64], result=result[:32], reason=reason)
+            s.add(row)
+            s.flush()
+            s.execute(AssociationRejection.__table__.delete().where(
+                AssociationRejection.id <= row.id - self.KEEP_ASSOCIATION_REJECTIONS))
+
     def mark_released(self, series_uids: Iterable[str], now: datetime | None = None) -> None:
         uids = list(series_uids)
         if not uids:
@@ -431,7 +473,8 @@ class Ledger:
             assert j is not None
             s.refresh(j)
             return ClaimedJob(j.id, j.series_id, j.source_series_uid, j.generation, j.direction, from_state,
-                              j.output_dir, j.output_series_uid, j.attempts, j.runs, j.created_at, dict(j.timings or {}))
+                              j.output_dir, j.output_series_uid, j.attempts, j.runs, j.created_at, dict(j.timings or {}),
+                              queued_at=j.next_attempt_at)
 
     def _update_owned(self, job_id: int, worker: str, **values: Any) -> bool:
         with self.session() as s, s.begin():
@@ -522,8 +565,16 @@ class Ledger:
                                   lease_expires_at=at, attempts=Job.attempts + 1, error=error[:2000],
                                   timings=timings)
 
-    def retry_job(self, job_id: int) -> str:
-        """Re-queue a failed (or done) job from the start.  Returns the previous state."""
+    def retry_job(self, job_id: int, *, resend: bool, force: bool = False) -> RetryOutcome:
+        """Start a new run of a failed job (or, with *force*, a done one).
+
+        With *resend* (its built output is intact) the job goes straight to
+        delivery and only instances not yet stored at a destination are sent
+        (all of them again for a forced done job); otherwise it is synthesized
+        from the start.  The ended run's attempts, timings and error are kept
+        in ``job_runs``; the new run starts from zero.
+        """
+        now = utcnow()
         with self.session() as s, s.begin():
             j = s.get(Job, job_id)
             if j is None:
@@ -531,15 +582,40 @@ class Ledger:
             prev = j.state
             if prev in ACTIVE_JOB_STATES:
                 raise ValueError(f"job {job_id} is {prev}; only failed or done jobs can be retried")
-            j.state = JobState.QUEUED.value
-            j.next_attempt_at = utcnow()
-            j.lease_expires_at = None
+            if prev == JobState.DONE.value and not force:
+                raise ValueError(f"job {job_id} is done (every instance delivered); --force sends it again")
+            if prev == JobState.SUPERSEDED.value:
+                raise ValueError(f"job {job_id} is superseded; a newer job of the same series covers it")
+            s.add(JobRun(job_id=job_id, state=prev, error=j.error, attempts=j.attempts, started_at=j.started_at,
+                         finished_at=j.finished_at, timings=dict(j.timings or {})))
+            if not resend or prev == JobState.DONE.value:
+                # new content (or an explicit resend of everything): nothing counts as stored any more
+                s.execute(update(Delivery).where(Delivery.job_id == job_id).values(stored=False))
+            j.state = (JobState.DELIVERING if resend else JobState.QUEUED).value
+            j.next_attempt_at = now
+            j.lease_expires_at = now if resend else None  # a delivering job is claimable once its lease is past
             j.worker = None
             j.attempts = 0
             j.error = None
+            j.started_at = None
             j.finished_at = None
-            s.execute(update(Delivery).where(Delivery.job_id == job_id).values(stored=False))
-            return prev
+            j.timings = {}
+            stored = {
+                d: int(n) for d, n in s.execute(
+                    select(Delivery.destination, func.count())
+                    .where(Delivery.job_id == job_id, Delivery.stored.is_(True)).group_by(Delivery.destination))
+            }
+            return RetryOutcome(prev, resend, stored)
+
+    def failed_job_ids(self) -> list[int]:
+        with self.session() as s:
+            return list(s.scalars(select(Job.id).where(Job.state == JobState.FAILED.value).order_by(Job.id)))
+
+    def stored_instances(self, job_id: int, destination: str) -> set[str]:
+        """SOP Instance UIDs of the job that *destination* has confirmed as stored."""
+        with self.session() as s:
+            return set(s.scalars(select(Delivery.sop_instance_uid).where(
+                Delivery.job_id == job_id, Delivery.destination == destination, Delivery.stored.is_(True))))
 
     def record_deliveries(self, job_id: int, destination: str, outcomes: Sequence[tuple[str, int | None, bool, str]]) -> None:
         """Upsert (sop_instance_uid, status, stored, detail) rows for one destination."""
@@ -570,16 +646,33 @@ class Ledger:
             ).all()
             return {d for d, n in rows if n >= expected}
 
+    def first_instance_paths(self, series_uids: Sequence[str]) -> dict[str, str]:
+        """Spool path (relative) of the first instance received of each series."""
+        if not series_uids:
+            return {}
+        with self.session() as s:
+            first = (select(func.min(Instance.id).label("iid")).join(Series, Series.id == Instance.series_id)
+                     .where(Series.series_uid.in_(list(series_uids))).group_by(Instance.series_id).subquery())
+            rows = s.execute(select(Series.series_uid, Instance.path).join(Series, Series.id == Instance.series_id)
+                             .where(Instance.id.in_(select(first.c.iid))))
+            return {uid: path for uid, path in rows}
+
     def job(self, job_id: int) -> Job | None:
         with self.session() as s:
             return s.get(Job, job_id)
 
     # ============================================================ reading
+    #: what ``status(state=...)`` accepts: series states, job states, and "retrying" (delivering after a failed attempt)
+    STATES = tuple(dict.fromkeys([*(x.value for x in SeriesState), *(x.value for x in JobState), "retrying"]))
+
     def status(self, *, state: str | None = None, limit: int = 50) -> dict[str, list[dict[str, Any]]]:
         with self.session() as s:
             sq = select(Series).order_by(Series.last_received_at.desc(), Series.id.desc()).limit(limit)
             jq = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
-            if state:
+            if state == "retrying":
+                sq = sq.where(false())
+                jq = jq.where(Job.state == JobState.DELIVERING.value, Job.attempts > 0)
+            elif state:
                 sq = sq.where(Series.state == state)
                 jq = jq.where(Job.state == state)
             series = [
@@ -615,6 +708,8 @@ class Ledger:
                     "started_at": iso(j.started_at),
                     "finished_at": iso(j.finished_at),
                     "next_attempt_at": iso(j.next_attempt_at) if j.state == JobState.DELIVERING.value else None,
+                    # a delivery attempt failed and the next one is scheduled
+                    "retrying": j.state == JobState.DELIVERING.value and j.attempts > 0,
                     "timings": dict(j.timings or {}),
                 }
                 for j in s.scalars(jq)
@@ -628,10 +723,18 @@ class Ledger:
                     .group_by(Delivery.job_id, Delivery.destination)
                 ):
                     counts.setdefault(jid, {})[dest] = f"{int(stored or 0)}/{total} stored"
+                runs: dict[int, list[dict[str, Any]]] = {}
+                for r in s.scalars(select(JobRun).where(JobRun.job_id.in_([j["id"] for j in jobs]))
+                                   .order_by(JobRun.id)) if self.has_table("job_runs") else ():
+                    runs.setdefault(r.job_id, []).append({
+                        "state": r.state, "error": r.error, "attempts": r.attempts, "started_at": iso(r.started_at),
+                        "finished_at": iso(r.finished_at), "timings": dict(r.timings or {})})
                 for j in jobs:
                     j["deliveries"] = counts.get(j["id"], {})
+                    j["previous_runs"] = runs.get(j["id"], [])
             rejections = [
                 {
+                    "kind": "instance",
                     "at": iso(r.at),
                     "calling_aet": r.calling_aet,
                     "sop_instance_uid": r.sop_instance_uid,
@@ -640,9 +743,25 @@ class Ledger:
                 }
                 for r in s.scalars(select(Rejection).order_by(Rejection.id.desc()).limit(limit))
             ] if not state else []
+            if not state and self.has_table("association_rejections"):
+                rejections += [
+                    {
+                        "kind": "association",
+                        "at": iso(r.at),
+                        "calling_aet": r.calling_aet,
+                        "called_aet": r.called_aet,
+                        "peer": r.peer,
+                        "status": r.result,
+                        "reason": r.reason,
+                        "sop_instance_uid": None,
+                    }
+                    for r in s.scalars(select(AssociationRejection).order_by(AssociationRejection.id.desc())
+                                       .limit(limit))
+                ]
+                rejections = sorted(rejections, key=lambda r: r["at"] or "", reverse=True)[:limit]
             notes = [
                 {"at": iso(n.at), "calling_aet": n.calling_aet, "series_uid": n.series_uid,
                  "sop_instance_uid": n.sop_instance_uid, "text": n.text}
                 for n in s.scalars(select(Note).order_by(Note.id.desc()).limit(limit))
-            ] if not state else []
+            ] if not state and self.has_table("notes") else []
         return {"series": series, "jobs": jobs, "rejections": rejections, "notes": notes}

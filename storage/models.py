@@ -139,3 +139,30 @@ class Note(Base):
     series_uid: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     text: Mapped[str] = mapped_column(Text)
+
+
+class JobRun(Base):
+    """An earlier run of a job, kept when ``dicomnode retry`` starts a new one (attempts and timings per run)."""
+
+    __tablename__ = "job_runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    state: Mapped[str] = mapped_column(String(16))  # how that run ended
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+
+
+class AssociationRejection(Base):
+    """An association we rejected (unknown calling AE, wrong called AE, association limit)."""
+
+    __tablename__ = "association_rejections"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    calling_aet: Mapped[str] = mapped_column(String(16))
+    called_aet: Mapped[str] = mapped_column(String(16))
+    peer: Mapped[str] = mapped_column(String(64))
+    result: Mapped[str] = mapped_column(String(32))  # "rejected (permanent)" / "rejected (transient)"
+    reason: Mapped[str] = mapped_column(Text)

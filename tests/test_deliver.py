@@ -261,3 +261,35 @@ def test_orthanc_that_cannot_start_reports_its_log(tmp_path: Path) -> None:
         server.start()
     assert "orthanc.log" in str(info.value)
     assert server.proc is None
+
+
+@needs_dcmtk
+def test_no_response_is_lost_when_the_process_is_busy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """pynetdicom's reactor could take a C-STORE-RSP meant for send_c_store ("Received unexpected C-STORE
+    service message"): the sender then stalled for the DIMSE timeout and aborted.  Threads competing for the
+    GIL (a busy worker) made it happen in most deliveries of 50 instances."""
+    import threading
+
+    src = make_series(SeriesSpec(slices=30, rows=16, cols=16))
+    files = write_source(src, tmp_path / "src")
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            pass
+
+    hogs = [threading.Thread(target=busy, daemon=True) for _ in range(2)]
+    caplog.set_level(logging.WARNING, logger="pynetdicom")
+    results = []
+    try:
+        for h in hogs:
+            h.start()
+        with DcmtkStoreSCP(tmp_path / "received", extra=["--ignore"]) as scp:
+            for _ in range(3):
+                results.append(deliver(files, _dest(scp.port, scp.ae_title), calling_ae_title=CALLING, timeout=3))
+    finally:
+        stop.set()
+        for h in hogs:
+            h.join()
+    assert [r.stored_count for r in results] == [30, 30, 30], [r.error for r in results]
+    assert not [r for r in caplog.records if "unexpected" in r.getMessage()]

@@ -97,12 +97,24 @@ def test_retry_requeues_a_failed_job_only(ledger: Ledger) -> None:
     (jid,) = queue_jobs(ledger, 1)
     ledger.claim_job("w", 60)
     with pytest.raises(ValueError, match="running"):
-        ledger.retry_job(jid)
-    ledger.job_failed(jid, "w", "PACS said no")
-    assert ledger.retry_job(jid) == "failed"
-    assert ledger.status()["jobs"][0]["state"] == "queued"
+        ledger.retry_job(jid, resend=False)
+    ledger.job_failed(jid, "w", "PACS said no", {"sending": 3.0})
+    assert ledger.retry_job(jid, resend=False).previous_state == "failed"
+    job = ledger.status()["jobs"][0]
+    assert job["state"] == "queued" and job["timings"] == {} and job["attempts"] == 0
+    assert job["previous_runs"][0]["state"] == "failed" and job["previous_runs"][0]["timings"] == {"sending": 3.0}
     with pytest.raises(KeyError):
-        ledger.retry_job(999)
+        ledger.retry_job(999, resend=False)
+
+
+def test_a_done_job_is_retried_only_when_forced(ledger: Ledger) -> None:
+    (jid,) = queue_jobs(ledger, 1)
+    ledger.claim_job("w", 60)
+    ledger.job_done(jid, "w", {})
+    with pytest.raises(ValueError, match="--force"):
+        ledger.retry_job(jid, resend=True)
+    assert ledger.retry_job(jid, resend=True, force=True).previous_state == "done"
+    assert ledger.status()["jobs"][0]["state"] == "delivering"
 
 
 def test_schema_version_is_kept_and_checked(tmp_path: Path) -> None:

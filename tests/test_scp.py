@@ -299,7 +299,7 @@ def test_status_table_and_filters(node: NodeProcess) -> None:
     assert pynetdicom_send(node.port, series) == [SUCCESS] * 5
     node.wait_for(lambda s: s["jobs"], what="job")
     table = node.cli("status").stdout
-    assert series[0].SeriesInstanceUID in table and "queued" in table
+    assert series[0].SeriesInstanceUID[-12:] in table and "queued" in table  # UIDs shortened in the table
     assert node.status("--state", "failed")["jobs"] == []
     st = node.status("--state", "queued")
     assert set(st) >= {"series", "jobs"}

@@ -1,0 +1,44 @@
+"""Is a job's built output still there and intact?  (Checked before it is sent again.)"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+
+__all__ = ["BuiltOutput", "OutputDamaged", "check_output"]
+
+
+class OutputDamaged(Exception):
+    """The built output cannot be sent again as it is; ``str()`` says why (one line)."""
+
+
+@dataclass(frozen=True)
+class BuiltOutput:
+    files: list[Path]
+    sop_instance_uids: list[str]  # in the order of ``files``
+
+
+def check_output(output_dir: str | Path | None, expected_instances: int, series_uid: str | None) -> BuiltOutput:
+    """The files of a built series, each readable and of *series_uid*, exactly *expected_instances* of them."""
+    if not output_dir or not expected_instances or not series_uid:
+        raise OutputDamaged("no output was built")
+    folder = Path(output_dir)
+    files = sorted(folder.glob("*.dcm")) if folder.is_dir() else []
+    if len(files) != expected_instances:
+        raise OutputDamaged(f"{len(files)} of {expected_instances} built file(s) found in {folder}")
+    uids: list[str] = []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True,
+                                 specific_tags=["SOPInstanceUID", "SeriesInstanceUID"])
+        except Exception as exc:  # noqa: BLE001 - any unreadable file means the output is damaged
+            raise OutputDamaged(f"{f.name} cannot be read: {exc}".replace("\n", " ")) from None
+        if str(ds.get("SeriesInstanceUID", "")) != series_uid:
+            raise OutputDamaged(f"{f.name} is not of the built series {series_uid}")
+        uid = str(ds.get("SOPInstanceUID", ""))
+        if not uid or uid in uids:
+            raise OutputDamaged(f"{f.name} has a missing or repeated SOP Instance UID")
+        uids.append(uid)
+    return BuiltOutput(files, uids)
