@@ -83,7 +83,7 @@ def export_onnx(net: nn.Module, in_channels: int, digest: str, path: Path | None
     axes = {0: "batch", 2: "height", 3: "width"}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and constant-folding notices
-        torch.onnx.export(net, (x,), buf, input_names=["x"], output_names=["y"], opset_version=ONNX_OPSET,
+        torch.onnx.export(net, (x,), buf, input_names=["x"], output_names=["y"], opset_version=ONNX_OPSET,  # type: ignore[arg-type]
                           dynamic_axes={"x": axes, "y": axes}, dynamo=False)
     net.train(was_training)
     model = onnx.load_from_string(buf.getvalue())
