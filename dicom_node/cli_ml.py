@@ -219,7 +219,7 @@ def evaluate_command(checkpoint: str | None, data: Path, direction: str | None, 
     eng = _config_engine(config, engine)
     ckpt = _config_checkpoint(config, checkpoint)
     from ml.data import DataError
-    from ml.evaluate import METHODS, evaluate, evaluate_folds, fold_checkpoints, write_json
+    from ml.evaluate import evaluate, evaluate_folds, fold_checkpoints
 
     if folds is not None:
         if subjects:
@@ -234,10 +234,7 @@ def evaluate_command(checkpoint: str | None, data: Path, direction: str | None, 
                                     progress=lambda name: log.info("evaluate %s", name))
         except DataError as exc:
             _fail(str(exc))
-        _print_result(result, METHODS)
-        if json_out is not None:
-            write_json(result, json_out)
-            click.echo(f"figures written to {json_out}")
+        _report(result, json_out)
         return
     model = _load(ckpt, direction, dev, eng)
     try:
@@ -258,6 +255,12 @@ def evaluate_command(checkpoint: str | None, data: Path, direction: str | None, 
             prog.update(task, completed=n)
     except DataError as exc:
         _fail(str(exc))
+    _report(result, json_out)
+
+
+def _report(result: dict[str, Any], json_out: Path | None) -> None:
+    from ml.evaluate import METHODS, write_json
+
     _print_result(result, METHODS)
     if json_out is not None:
         write_json(result, json_out)
