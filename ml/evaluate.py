@@ -36,11 +36,13 @@ REFERENCES = ("reference_shift1", "reference_blur1")
 truth blurred in-plane by a Gaussian of sigma 1 voxel."""
 
 
-def save_panel(path: Path, source: np.ndarray, synthetic: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> None:
-    """PNG of the axial slice with the most head: source | synthetic | truth | |synthetic - truth|."""
+def save_panel(path: Path, source: np.ndarray, synthetic: np.ndarray, truth: np.ndarray, mask: np.ndarray,
+               k: int | None = None) -> None:
+    """PNG of axial slice *k* (default: the one with the most head): source | synthetic | truth | |synthetic - truth|."""
     import imageio.v3 as iio
 
-    k = int(np.argmax(mask.reshape(-1, mask.shape[2]).sum(axis=0)))
+    if k is None:
+        k = int(np.argmax(mask.reshape(-1, mask.shape[2]).sum(axis=0)))
     panels = [unit_range(v, mask)[:, :, k] for v in (source, synthetic, truth)]
     panels.append(np.clip(np.abs(panels[1] - panels[2]), 0, 1))
     # canonical axes are (towards Left, towards Posterior): transpose to radiological display
