@@ -282,7 +282,7 @@ def _print_result(result: dict[str, Any], methods: tuple[str, ...]) -> None:
     from ml.evaluate import REFERENCES
 
     cols = [*methods, *REFERENCES]
-    quality_table = Table("subject", *(f"{c}\nPSNR / SSIM" for c in cols), title="quality metric")
+    quality_table = Table("subject", *(f"{c}\nPSNR / SSIM" for c in cols), "QC", title="quality metric")
     qrows = list(result["subjects"].items())
     if result["mean_held_out"]:
         qrows.append(("MEAN held out", result["mean_held_out"]))
@@ -294,7 +294,10 @@ def _print_result(result: dict[str, Any], methods: tuple[str, ...]) -> None:
         for c in cols:
             m = r.get(c) or {}
             cells.append(f"{m['q_psnr']:.2f} / {m['q_ssim']:.3f}" if "q_psnr" in m else "")
-        quality_table.add_row(label, *cells)
+        qc = r.get("qc") or {}
+        flip = ((qc.get("checks") or {}).get("flip_disagreement") or {}).get("value")
+        quality_table.add_row(label, *cells, (f"{qc['verdict']}" + (f" (flip {flip:.3f})" if flip is not None else ""))
+                              if qc else "")
     console.print(quality_table)
     table = Table("subject", "method", "PSNR", "SSIM", "MSE", "MAE", "PSNR mask", "SSIM mask", "MSE mask", "MAE mask",
                   "paper MSE", "paper MAE", "paper PSNR")

@@ -22,7 +22,7 @@ import numpy as np
 from skimage.exposure import match_histograms
 
 from .data import DataError, _find_contrast, discover_paired, fragmentary_slices, head_mask, load_volume, to_canonical
-from .inference import LoadedModel, synthesize
+from .inference import LoadedModel, assess, synthesize
 from .metrics import (NORMALIZATION_TEXT, QUALITY_TEXT, compare, quality, quality_mask, reference_blur, reference_shift,
                       unit_range)
 
@@ -78,8 +78,9 @@ def evaluation_mask(truth: np.ndarray, source: np.ndarray, head: np.ndarray) -> 
 
 def evaluate(model: LoadedModel, data: str | Path, *, subjects: Sequence[str] | None = None,
              png_dir: Path | None = None, batch_size: int = 16,
-             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Metrics per subject and means (all subjects, and held-out = not in the model's training set)."""
+             progress: Callable[[str], None] | None = None, qc: bool = True) -> dict[str, Any]:
+    """Metrics per subject and means (all subjects, and held-out = not in the model's training set), with
+    the QC verdict of each synthesis (:func:`ml.inference.assess`) beside its real error."""
     folders = discover_paired(data)
     if subjects:
         missing = sorted(set(subjects) - {f.name for f in folders})
@@ -114,6 +115,8 @@ def evaluate(model: LoadedModel, data: str | Path, *, subjects: Sequence[str] | 
             q = quality(vol, truth, qm)
             per[folder.name][method] = {"q_psnr": q["psnr"], "q_ssim": q["ssim"]}
         per[folder.name]["held_out"] = folder.name not in trained_on  # type: ignore[assignment]
+        if qc:
+            per[folder.name]["qc"] = assess(model, source, aff, batch_size=batch_size).to_dict()
         if png_dir is not None:
             save_panel(Path(png_dir) / f"{folder.name}.png", source, synthetic, truth, mask)
     names = list(per)
@@ -155,7 +158,7 @@ def fold_checkpoints(folder: Path, folds: int | None = None) -> list[Path]:
 
 
 def evaluate_folds(models: Sequence[tuple[str, LoadedModel]], data: str | Path, *, png_dir: Path | None = None,
-                   batch_size: int = 16, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   batch_size: int = 16, progress: Callable[[str], None] | None = None, qc: bool = True) -> dict[str, Any]:
     """Cross-validated figures: each fold's model on its own held-out subjects (its ``val_subjects``);
     per subject, and mean and sd over all held-out subjects."""
     per: dict[str, dict[str, Any]] = {}
@@ -167,7 +170,7 @@ def evaluate_folds(models: Sequence[tuple[str, LoadedModel]], data: str | Path, 
         overlap = sorted(set(held) & set(per))
         if overlap:
             raise DataError(f"{fold}: {overlap[0]} is held out by two folds")
-        result = evaluate(model, data, subjects=held, png_dir=png_dir, batch_size=batch_size, progress=progress)
+        result = evaluate(model, data, subjects=held, png_dir=png_dir, batch_size=batch_size, progress=progress, qc=qc)
         for name, row in result["subjects"].items():
             row["fold"] = fold  # type: ignore[assignment]
             per[name] = row

@@ -224,5 +224,7 @@ def test_cross_validated_train_and_evaluate_through_the_cli(tmp_path: Path) -> N
         for method in ("model", "inverted_source", "histogram_matched_source", "reference_shift1", "reference_blur1"):
             assert np.isfinite(row[method]["q_psnr"]) and 0 < row[method]["q_ssim"] <= 1
     assert set(res["sd_held_out"]["model"]) >= {"q_psnr", "q_ssim"}
+    for row in res["subjects"].values():  # the QC verdict stands beside the real error
+        assert row["qc"]["verdict"] in ("pass", "warn", "fail") and "flip_disagreement" in row["qc"]["checks"]
     r = run.invoke(cli, ["evaluate", "--checkpoint", str(ck), "--folds", "4", "--data", str(data), "--device", "cpu"])
     assert r.exit_code == 2 and "fold-4" in r.output
