@@ -20,11 +20,11 @@ from typing import Any, Callable
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
 from pydicom.uid import UID
 
 from dicom_node.config import Config, TLSConfig
 from dicom_node.intake import Intake, StoreStatus
+from dicom_node.transport import GuardedServer, Limits
 from storage.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,14 @@ def build_ae(cfg: Config) -> AE:
     return ae
 
 
-def start_scp(cfg: Config, ledger: Ledger, intake: Intake) -> ThreadedAssociationServer:
+def connection_limits(cfg: Config) -> Limits:
+    """Deadlines and caps for every connection (see :mod:`dicom_node.transport`)."""
+    n = cfg.node
+    return Limits(acse_timeout=n.acse_timeout, network_timeout=n.network_timeout, max_pdu=n.max_pdu,
+                  max_pending=max(16, 4 * n.max_associations))
+
+
+def start_scp(cfg: Config, ledger: Ledger, intake: Intake) -> GuardedServer:
     """Start the SCP in the background and return its server (``.shutdown()`` to stop)."""
     # Stream each received data set straight into the spool's incoming folder
     # (same file system as its final place, so it is renamed, not copied).
@@ -189,9 +196,9 @@ def start_scp(cfg: Config, ledger: Ledger, intake: Intake) -> ThreadedAssociatio
         (evt.EVT_CONN_CLOSE, tracker.closed),
     ]
     ssl_ctx = server_ssl_context(cfg.security.tls) if cfg.security.tls else None
-    server = ae.start_server(
-        (cfg.node.host, cfg.node.port), block=False, evt_handlers=handlers, ssl_context=ssl_ctx
-    )
+    server = ae.make_server((cfg.node.host, cfg.node.port), evt_handlers=handlers, ssl_context=ssl_ctx,
+                            server_class=GuardedServer, limits=connection_limits(cfg))
+    server.start()
     return server
 
 
