@@ -99,6 +99,7 @@ class _PduGuard:
     _peer: str = "?"
     _first_deadline: float | None = None
     _buf: memoryview | None = None
+    _timeout: float | None = None  # what settimeout was last given
     _pos: int = 0
     _dead: bool = False
     pdus_read: int = 0  # complete PDUs read; 0 = not yet past the A-ASSOCIATE-RQ
@@ -108,21 +109,27 @@ class _PduGuard:
         self._peer = peer
         acse = _seconds(limits.acse_timeout)
         self._first_deadline = time.monotonic() + acse if acse else None
-        self.settimeout(_seconds(limits.network_timeout))  # type: ignore[attr-defined]  # bounds sends too
+        self._set_timeout(_seconds(limits.network_timeout))  # bounds sends too
 
     @property
     def handshake_deadline(self) -> float | None:
         return self._first_deadline
 
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:  # type: ignore[override]
-        if self._buf is None:
+    def recv(self, bufsize: int, flags: int = 0) -> memoryview | bytes:  # type: ignore[override]
+        """Up to *bufsize* bytes of the current PDU, without copying (pynetdicom extends a bytearray with them)."""
+        buf = self._buf
+        if buf is None:
             if self._dead or not self._read_pdu():
                 return b""
-        assert self._buf is not None
-        chunk = bytes(self._buf[self._pos:self._pos + bufsize])
-        self._pos += len(chunk)
-        if self._pos >= len(self._buf):
+            buf = self._buf
+            assert buf is not None
+        pos = self._pos
+        chunk = buf[pos:pos + bufsize]
+        pos += len(chunk)
+        if pos >= len(buf):
             self._buf, self._pos = None, 0
+        else:
+            self._pos = pos
         return chunk
 
     def _read_pdu(self) -> bool:
@@ -154,7 +161,7 @@ class _PduGuard:
             self._refuse(exc)
             return False
         self.pdus_read += 1
-        self._buf, self._pos = memoryview(pdu), 0
+        self._buf, self._pos = memoryview(pdu), 0  # a fresh buffer per PDU: the slices handed out stay valid
         return True
 
     def _fill(self, view: memoryview, deadline: float | None, at_boundary: bool) -> bool:
@@ -165,7 +172,8 @@ class _PduGuard:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise _Refused(self._late(got, len(view), at_boundary), _NOT_SPECIFIED)
-                self.settimeout(left)  # type: ignore[attr-defined]
+                if self._timeout is None or abs(left - self._timeout) > 0.25:  # syscalls: not for every chunk
+                    self._set_timeout(left)
             try:
                 n = super().recv_into(view[got:])  # type: ignore[misc]
             except TimeoutError:
@@ -183,8 +191,11 @@ class _PduGuard:
                     return False
                 raise _Refused(f"connection closed mid-PDU ({got} of {len(view)} bytes)")
             got += n
-        self.settimeout(_seconds(self._limits.network_timeout))  # type: ignore[attr-defined]
         return True
+
+    def _set_timeout(self, t: float | None) -> None:
+        self._timeout = t
+        self.settimeout(t)  # type: ignore[attr-defined]
 
     def _late(self, got: int, want: int, header: bool) -> str:
         what = "association request" if self.pdus_read == 0 else "PDU"
@@ -228,10 +239,8 @@ class GuardedHandler(RequestHandler):
             deadline = sock.handshake_deadline if isinstance(sock, _PduGuard) else None
             try:
                 if deadline is not None:
-                    sock.settimeout(max(0.001, deadline - time.monotonic()))
+                    sock._set_timeout(max(0.001, deadline - time.monotonic()))
                 sock.do_handshake()
-                if isinstance(sock, _PduGuard):
-                    sock.settimeout(_seconds(sock._limits.network_timeout))
             except (OSError, ValueError) as exc:
                 why = "timed out" if isinstance(exc, TimeoutError) else str(exc)
                 log.warning("closed connection from %s: TLS handshake failed: %s", _addr(self.client_address), why)

@@ -75,7 +75,7 @@ def test_ten_stalled_pdu_headers_lock_senders_out_no_longer_than_the_acse_timeou
 
 def test_a_stalled_pdu_after_association_is_cut_at_the_network_timeout(tmp_path: Path) -> None:
     with NodeProcess(tmp_path / "n", node=FAST) as node:
-        ae = echo_ae()
+        ae = echo_ae(network_timeout=60)  # the SCU itself waits longer: the node must cut
         assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
         assert assoc.is_established
         sock = assoc.dul.socket.socket  # the SCU's own connection: send half a P-DATA-TF by hand
