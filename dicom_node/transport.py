@@ -38,6 +38,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
+from pynetdicom import pdu as pdus
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ ASSOCIATION_PDU_CAP = 64 * 1024
 #: PDU header or PDV item headers into the limit).
 PDATA_SLACK = 256
 _PDU_TYPES = range(0x01, 0x08)
+#: PDUs other than P-DATA-TF are decoded here first, so that a malformed one gets our single log
+#: line instead of pynetdicom's error and traceback (P-DATA-TF, the bulk, is left to pynetdicom)
+_DECODERS: dict[int, type] = {0x01: pdus.A_ASSOCIATE_RQ, 0x02: pdus.A_ASSOCIATE_AC, 0x03: pdus.A_ASSOCIATE_RJ,
+                              0x05: pdus.A_RELEASE_RQ, 0x06: pdus.A_RELEASE_RP, 0x07: pdus.A_ABORT_RQ}
 _P_DATA_TF = 0x04
 # A-ABORT reasons (PS3.8 Table 9-26) with source 2 = service provider
 _UNRECOGNISED_PDU, _INVALID_PARAMETER, _NOT_SPECIFIED = 0x01, 0x06, 0x00
@@ -155,6 +160,13 @@ class _PduGuard:
             pdu[:6] = head
             if not self._fill(memoryview(pdu)[6:], deadline, at_boundary=False):
                 raise _Refused(f"connection closed mid-PDU (type 0x{pdu_type:02X}, {length} bytes)")
+            decoder = _DECODERS.get(pdu_type)
+            if decoder is not None:
+                try:
+                    decoder().decode(bytes(pdu))
+                except Exception as exc:
+                    raise _Refused(f"malformed {decoder.__name__} PDU ({type(exc).__name__}: {exc})"[:300],
+                                   _INVALID_PARAMETER) from None
         except _Cut:
             return False
         except _Refused as exc:

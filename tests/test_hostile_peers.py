@@ -122,18 +122,23 @@ def test_p_data_above_max_pdu_aborts_the_association(tmp_path: Path) -> None:
         assert pynetdicom_send(node.port, series) == [SUCCESS] * 2
 
 
-def test_junk_on_the_port_gets_one_log_line_and_is_closed_at_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("junk, why", [
+    (b"GET / HTTP/1.1\r\n", "not a DICOM PDU"),
+    (pdu_header(A_ASSOCIATE_RQ, 12) + b"\x00\x01hello world", "malformed A_ASSOCIATE_RQ"),
+], ids=["http-request", "garbled-association-request"])
+def test_junk_on_the_port_gets_one_log_line_and_is_closed_at_once(tmp_path: Path, junk: bytes, why: str) -> None:
     with NodeProcess(tmp_path / "n", node={"acse_timeout": 30.0}) as node:
         s = connect(node.port)
         port = s.getsockname()[1]
-        s.sendall(b"GET / HTTP/1.1\r\n")
+        s.sendall(junk)
         closed_after, _ = wait_closed(s, timeout=10)
         assert closed_after is not None and closed_after < 5  # not after the 30 s ACSE timeout
         time.sleep(0.3)
         lines = [ln for ln in node.log().splitlines() if f"127.0.0.1:{port}" in ln]
         assert len(lines) == 1, lines
-        assert "not a DICOM PDU" in lines[0]
-        assert "Unknown PDU type" not in node.log() and "Traceback" not in node.log()
+        assert why in lines[0]
+        for noise in ("Unknown PDU type", "Unable to decode", "Traceback", "ERROR"):
+            assert noise not in node.log()
         assert echo(node.port)
 
 
