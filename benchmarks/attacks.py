@@ -90,10 +90,11 @@ def pdu_attack(work: Path, mb: int, give_up: float) -> dict[str, object]:
 
 
 def deflate_attack(work: Path, bomb_mb: int, parallel: int, give_up: float) -> dict[str, object]:
-    from pynetdicom import AE
+    from pynetdicom import AE, _config
     from pynetdicom.sop_class import MRImageStorage
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the bomb file as it is (else the SCU inflates it itself)
     template = work / "template.dcm"
     make_series(SeriesSpec(slices=1, rows=64, cols=64))[0].save_as(template, enforce_file_format=True)
     first = deflate_bomb(work / "bomb0.dcm", template, bomb_mb << 20)
@@ -131,10 +132,15 @@ def slow_attack(work: Path, acse_timeout: float, give_up: float) -> dict[str, ob
     from pynetdicom.sop_class import Verification
 
     n = node(work, "slow", acse_timeout=acse_timeout)
-    stalled = [stalled_header(n.port) for _ in range(10)]
     ae = AE(ae_title="ECHOSCU")
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 10
+    t0 = time.monotonic()
+    quiet = ae.associate("127.0.0.1", n.port, ae_title="DICOMNODE")
+    quiet.send_c_echo()
+    quiet.release()
+    unattacked = time.monotonic() - t0
+    stalled = [stalled_header(n.port) for _ in range(10)]
     t0 = time.monotonic()
     waited: float | None = None
     attempts = 0
@@ -150,6 +156,7 @@ def slow_attack(work: Path, acse_timeout: float, give_up: float) -> dict[str, ob
     for sock in stalled:
         sock.close()
     return {"slow_connections": 10, "acse_timeout_s": acse_timeout, "attempts": attempts,
+            "echo_without_attack_s": unattacked,
             "sender_waited_s": waited if waited is not None else f"locked out for more than {give_up:g} s",
             "shutdown": finish(n, give_up)}
 
@@ -162,6 +169,7 @@ def main() -> int:
     ap.add_argument("--acse-timeout", type=float, default=30.0)
     ap.add_argument("--give-up", type=float, default=60.0)
     ap.add_argument("--only", choices=["pdu", "deflate", "slow"], action="append")
+    ap.add_argument("--keep", type=Path, help="work in this folder and keep it (logs of each serve)")
     args = ap.parse_args()
     import logging
 
@@ -171,6 +179,9 @@ def main() -> int:
                                             f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}",
                                  "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     with tempfile.TemporaryDirectory(prefix="dicomnode-attacks-") as tmp:
+        if args.keep:
+            tmp = str(args.keep)
+            Path(tmp).mkdir(parents=True, exist_ok=True)
         work = Path(tmp)
         if "pdu" in which:
             report["pdu"] = pdu_attack(work, args.pdu_mb, args.give_up)

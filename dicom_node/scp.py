@@ -13,6 +13,7 @@ import ssl
 import tempfile
 import threading
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,42 @@ class AssociationTracker:
         )
 
 
+class Admission:
+    """At most *limit* associations past their A-ASSOCIATE-RQ at a time.
+
+    pynetdicom 3.0 counts every acceptor thread against
+    ``AE.maximum_associations``, including connections that have not sent
+    their association request yet, so ten silent peers lock every sender out
+    until their ACSE timeout.  Here only requested associations count; the AE's
+    own limit is raised above this one (see :func:`build_ae`) and connections
+    still waiting are bounded by the transport (``Limits.max_pending``).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._admitted: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        with self._lock:
+            live = [a for a in self._admitted if a.is_alive()]
+            if len(live) < self.limit:
+                self._admitted.add(assoc)
+                return
+        rq = assoc.requestor
+        calling = getattr(rq.primitive, "calling_ae_title", "") or "?"
+        log.warning("association from %s (%s:%s) rejected: %d associations open (node.max_associations)",
+                    calling, rq.address, rq.port, len(live))
+        # transient, service provider (presentation), local limit exceeded: what pynetdicom's own limit answers
+        assoc.acse.send_reject(0x02, 0x03, 0x02)
+        assoc.kill()  # waits for the A-ASSOCIATE-RJ to go out and the peer to close (or the ARTIM timer)
+
+    def closed(self, event: evt.Event) -> None:
+        with self._lock:
+            self._admitted.discard(event.assoc)
+
+
 def make_store_handler(intake: Intake, tracker: AssociationTracker) -> Callable[[evt.Event], int]:
     def handle_store(event: evt.Event) -> int:
         req = event.request
@@ -155,7 +192,9 @@ def handle_echo(event: evt.Event) -> int:
 
 def build_ae(cfg: Config) -> AE:
     ae = AE(ae_title=cfg.node.ae_title)
-    ae.maximum_associations = cfg.node.max_associations
+    # Admission enforces node.max_associations on requested associations; pynetdicom's own count
+    # (every acceptor thread, waiting connections included) is only a backstop above it
+    ae.maximum_associations = cfg.node.max_associations + connection_limits(cfg).max_pending
     ae.maximum_pdu_size = cfg.node.max_pdu
     ae.acse_timeout = cfg.node.acse_timeout
     ae.dimse_timeout = cfg.node.dimse_timeout
@@ -185,8 +224,10 @@ def start_scp(cfg: Config, ledger: Ledger, intake: Intake) -> GuardedServer:
 
     ae = build_ae(cfg)
     tracker = AssociationTracker(ledger, cfg.series.complete_on_release)
+    admission = Admission(cfg.node.max_associations)
     handlers = [
         (evt.EVT_CONN_OPEN, tracker.opened),
+        (evt.EVT_REQUESTED, admission.requested),
         (evt.EVT_ACCEPTED, tracker.accepted),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, make_store_handler(intake, tracker)),
@@ -194,6 +235,7 @@ def start_scp(cfg: Config, ledger: Ledger, intake: Intake) -> GuardedServer:
         (evt.EVT_ABORTED, lambda e: tracker.ended(e, "aborted")),
         (evt.EVT_REJECTED, _log_rejected),
         (evt.EVT_CONN_CLOSE, tracker.closed),
+        (evt.EVT_CONN_CLOSE, admission.closed),
     ]
     ssl_ctx = server_ssl_context(cfg.security.tls) if cfg.security.tls else None
     server = ae.make_server((cfg.node.host, cfg.node.port), evt_handlers=handlers, ssl_context=ssl_ctx,

@@ -305,8 +305,12 @@ class GuardedServer(ThreadedAssociationServer):
         return sock, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
+        # Waiting connections are bounded by their sockets and by pynetdicom's acceptor threads that
+        # have no association (a closed connection's thread waits out acse_timeout in pynetdicom 3.0).
         with self._conns_lock:
-            pending = sum(1 for c in self._conns if c.pdus_read == 0 and not c._dead and c.fileno() != -1)
+            sockets = sum(1 for c in self._conns if c.pdus_read == 0 and not c._dead and c.fileno() != -1)
+            threads = sum(1 for a in self.active_associations if not a.is_established)
+            pending = max(sockets, threads)
             if pending >= self.limits.max_pending:
                 log.warning("closed connection from %s: %d connections already wait for their association "
                             "request", _addr(client_address), pending)
