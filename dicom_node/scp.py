@@ -240,6 +240,7 @@ def start_scp(cfg: Config, ledger: Ledger, intake: Intake) -> GuardedServer:
     ssl_ctx = server_ssl_context(cfg.security.tls) if cfg.security.tls else None
     server = ae.make_server((cfg.node.host, cfg.node.port), evt_handlers=handlers, ssl_context=ssl_ctx,
                             server_class=GuardedServer, limits=connection_limits(cfg))
+    assert isinstance(server, GuardedServer)
     server.start()
     return server
 

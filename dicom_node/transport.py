@@ -234,11 +234,11 @@ class _PduGuard:
             pass
 
 
-class GuardedSocket(_PduGuard, socket.socket):
+class GuardedSocket(_PduGuard, socket.socket):  # type: ignore[misc]  # recv returns a memoryview
     """A plain TCP connection whose reads are whole, checked PDUs."""
 
 
-class GuardedSSLSocket(_PduGuard, ssl.SSLSocket):
+class GuardedSSLSocket(_PduGuard, ssl.SSLSocket):  # type: ignore[misc]
     """A TLS connection whose reads are whole, checked PDUs (via ``SSLContext.sslsocket_class``)."""
 
 
@@ -247,8 +247,8 @@ class GuardedHandler(RequestHandler):
 
     def handle(self) -> None:
         sock = self.request
-        if isinstance(sock, ssl.SSLSocket):
-            deadline = sock.handshake_deadline if isinstance(sock, _PduGuard) else None
+        if isinstance(sock, GuardedSSLSocket):
+            deadline = sock.handshake_deadline
             try:
                 if deadline is not None:
                     sock._set_timeout(max(0.001, deadline - time.monotonic()))
@@ -256,8 +256,7 @@ class GuardedHandler(RequestHandler):
             except (OSError, ValueError) as exc:
                 why = "timed out" if isinstance(exc, TimeoutError) else str(exc)
                 log.warning("closed connection from %s: TLS handshake failed: %s", _addr(self.client_address), why)
-                if isinstance(sock, _PduGuard):
-                    sock.hard_close()
+                sock.hard_close()
                 self.server.shutdown_request(sock)
                 return
         super().handle()
@@ -294,6 +293,7 @@ class GuardedServer(ThreadedAssociationServer):
         self._thread.start()
 
     def get_request(self) -> tuple[socket.socket, Any]:
+        assert self.socket is not None
         raw, address = self.socket.accept()
         peer = _addr(address)
         if self.ssl_context is not None:
@@ -308,8 +308,9 @@ class GuardedServer(ThreadedAssociationServer):
         # Waiting connections are bounded by their sockets and by pynetdicom's acceptor threads that
         # have no association (a closed connection's thread waits out acse_timeout in pynetdicom 3.0).
         with self._conns_lock:
-            sockets = sum(1 for c in self._conns if c.pdus_read == 0 and not c._dead and c.fileno() != -1)
-            threads = sum(1 for a in self.active_associations if not a.is_established)
+            sockets = len([c for c in self._conns
+                           if c.pdus_read == 0 and not c._dead and c.fileno() != -1])  # type: ignore[attr-defined]
+            threads = len([a for a in self.active_associations if not a.is_established])
             pending = max(sockets, threads)
             if pending >= self.limits.max_pending:
                 log.warning("closed connection from %s: %d connections already wait for their association "
