@@ -82,6 +82,7 @@ class NodeConfig:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    max_inflated_mb: int = 1024  # largest data set a Deflated transfer syntax may inflate to (MB)
 
 
 @dataclass(frozen=True)
@@ -492,6 +493,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
             "ae_title": lambda k, v: _ae(ctx, k, v),
             "port": lambda k, v: _port(ctx, k, v),
             "max_associations": lambda k, v: _positive(ctx, k, v, int),
+            "max_inflated_mb": lambda k, v: _positive(ctx, k, v, int),
         },
     )
 

@@ -10,6 +10,8 @@ import enum
 import filecmp
 import logging
 import os
+import struct
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -20,7 +22,7 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.filereader import read_dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.values import convert_UI
 
 from dicom_node import incoming, selection
@@ -66,29 +68,140 @@ def _requires_pixels(sop_class_uid: str) -> bool:
 
 _META_START = 132  # 128-byte preamble + b"DICM"
 
+#: Deflated data sets: elements before the pixel data may inflate to at most this much,
+#: whatever ``max_inflated_mb`` says (Enhanced MR headers of thousands of frames are a few MB)
+HEADER_ALLOWANCE = 64 << 20
+#: ... and elements after the pixel data (padding, trailing private tags) to this much
+TRAILER_ALLOWANCE = 64 << 10
+DEFAULT_MAX_INFLATED = 1024 << 20
+_PROBE_FIRST = 1 << 20  # look for the pixel data after this much inflated data, then after twice as much ...
+_IN_CHUNK, _OUT_CHUNK = 64 << 10, 1 << 20
+_PIXEL_BITS = {0x7FE00008: 32, 0x7FE00009: 64}  # Float / Double Float Pixel Data: fixed bits per sample
 
-def read_header(path: Path, transfer_syntax: UID) -> Dataset:
+
+def inflated_path(path: Path) -> Path:
+    """Where the inflated data set of a deflated file *path* is written (next to it; the caller deletes it)."""
+    return path.with_name(path.name + ".inflated")
+
+
+def _meta_end(fp: Any) -> int:
+    fp.seek(_META_START)
+    head = fp.read(12)  # (0002,0000) UL 4: the meta group's length
+    if len(head) < 12 or head[:8] != b"\x02\x00\x00\x00UL\x04\x00":
+        raise ValueError("no file meta group length")
+    return _META_START + 12 + int.from_bytes(head[8:], "little")
+
+
+def _pixel_budget(path: Path) -> int | None:
+    """Inflated bytes the data set in *path* (inflated so far) may have in all, once its pixel data is reached.
+
+    None while the elements before the pixel data are still incomplete.  The
+    budget is where the pixel data starts + what Rows, Columns, Samples per
+    Pixel, Number of Frames and Bits Allocated say it needs + a trailer
+    allowance; raises :class:`Malformed` if the Pixel Data element itself
+    declares more.
+    """
+    try:
+        with open(path, "rb") as fp:
+            ds = read_dataset(fp, False, True, stop_when=lambda tag, vr, length: int(tag) in _PIXEL_TAGS,
+                              defer_size=4096)
+            at = fp.tell()
+            head = fp.read(12)
+    except Exception:  # cut off mid-element: not there yet
+        return None
+    if len(head) < 12:
+        return None
+    group, elem, _vr, _res, declared = struct.unpack("<HH2sHL", head)
+    tag = group << 16 | elem
+    if tag not in _PIXEL_TAGS:
+        return None
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+        bits = _PIXEL_BITS.get(tag) or int(ds.BitsAllocated)
+        need = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * max(frames, 1) * bits // 8
+    except Exception:
+        raise Malformed("deflated image without a valid pixel description (Rows, Columns, BitsAllocated)") from None
+    need += need & 1  # even length
+    if declared != _UNDEFINED and declared > need:
+        raise Malformed(f"deflated Pixel Data declares {declared} bytes, the image needs {need}: refused before "
+                        f"inflating it")
+    return at + 12 + need + TRAILER_ALLOWANCE
+
+
+def inflate_capped(path: Path, out: Path, max_inflated: int) -> int:
+    """Inflate the deflated data set of *path* into *out* as a stream; returns its size.
+
+    Memory stays at a few MB whatever the compression ratio; inflation stops
+    with :class:`Malformed` as soon as the data set grows beyond what its own
+    header says the image needs (see :func:`_pixel_budget`), beyond
+    ``HEADER_ALLOWANCE`` before its pixel data, or beyond *max_inflated*.
+    """
+    z = zlib.decompressobj(-zlib.MAX_WBITS)
+    total, probe_at = 0, _PROBE_FIRST
+    budget: int | None = None  # known once the pixel data is reached
+
+    def check() -> None:
+        nonlocal budget, probe_at
+        if budget is None and total >= probe_at:
+            dst.flush()
+            budget = _pixel_budget(out)
+            probe_at *= 2
+            if budget is not None and budget - TRAILER_ALLOWANCE > max_inflated:
+                raise Malformed(f"deflated image needs {budget - TRAILER_ALLOWANCE} bytes inflated, more than "
+                                f"max_inflated_mb allows ({max_inflated}); refused before inflating it")
+        if budget is None:
+            limit, why = HEADER_ALLOWANCE, "allowed before the pixel data"
+        else:
+            limit, why = budget, "its pixel description needs, with a trailer allowance"
+        if max_inflated < limit:
+            limit, why = max_inflated, "max_inflated_mb allows"
+        if total > limit:
+            raise Malformed(f"deflated data set would inflate to more than the {limit} bytes {why}; refused")
+
+    with open(path, "rb") as src, open(out, "wb") as dst:
+        src.seek(_meta_end(src))
+        while not z.eof:
+            data = z.unconsumed_tail or src.read(_IN_CHUNK)
+            if not data:
+                raise Malformed("deflated data set ends early")
+            try:
+                piece = z.decompress(data, _OUT_CHUNK)
+            except zlib.error as exc:
+                raise Malformed(f"deflated data set is corrupt: {exc}") from None
+            dst.write(piece)
+            total += len(piece)
+            check()
+        if budget is None:  # a small data set: look once, at its end
+            probe_at = 0
+            check()
+    return total
+
+
+def read_header(path: Path, transfer_syntax: UID, max_inflated: int = DEFAULT_MAX_INFLATED) -> Dataset:
     """Parse every element of a received file, deferring large values (pixel data).
 
     pynetdicom wrote the file meta itself, from the negotiated *transfer_syntax*,
     so the data set is read straight after it: parsing the meta again would cost
-    as much as every check below together.  A deflated data set goes through
-    ``dcmread``, which inflates it.
+    as much as every check below together.  A deflated data set is inflated as a
+    stream, with caps (:func:`inflate_capped`), into :func:`inflated_path`, and
+    read from there; the caller deletes that file.
     """
     try:
         if transfer_syntax.is_deflated:
-            return dcmread(path, defer_size=4096)
+            plain = inflated_path(path)
+            inflate_capped(path, plain, max_inflated)
+            with open(plain, "rb") as fp:
+                ds = read_dataset(fp, False, True, defer_size=4096)
+            return FileDataset(str(plain), ds, is_implicit_VR=False, is_little_endian=True)
         with open(path, "rb") as fp:
-            fp.seek(_META_START)
-            head = fp.read(12)  # (0002,0000) UL 4: the meta group's length
-            if len(head) < 12 or head[:8] != b"\x02\x00\x00\x00UL\x04\x00":
-                raise ValueError("no file meta group length")
-            fp.seek(_META_START + 12 + int.from_bytes(head[8:], "little"))
+            fp.seek(_meta_end(fp))
             implicit, little = transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
             ds = read_dataset(fp, implicit, little, defer_size=4096)
         # a FileDataset knows its file: deferred values (pixel data, large sequences such
         # as Enhanced MR functional groups) are read from it when asked for
         return FileDataset(str(path), ds, is_implicit_VR=implicit, is_little_endian=little)
+    except Malformed:
+        raise
     except Exception as exc:  # any parse failure means a malformed instance
         raise Malformed(f"cannot parse dataset: {type(exc).__name__}: {exc}") from None
 
@@ -186,10 +299,12 @@ class Intake:
     rejections.
     """
 
-    def __init__(self, spool: Spool, ledger: Ledger, overwrite_instances: bool = False) -> None:
+    def __init__(self, spool: Spool, ledger: Ledger, overwrite_instances: bool = False,
+                 max_inflated: int = DEFAULT_MAX_INFLATED) -> None:
         self.spool = spool
         self.ledger = ledger
         self.overwrite_instances = overwrite_instances
+        self.max_inflated = max_inflated  # bytes a deflated data set may inflate to
 
     def store(self, tmp: Path, *, calling_aet: str, sop_class_uid: str, sop_instance_uid: str,
               transfer_syntax: str) -> StoreResult:
@@ -203,10 +318,18 @@ class Intake:
             self.spool.start_writeback(tmp)  # the disk writes while the header is checked
             ts = UID(transfer_syntax)
             size = tmp.stat().st_size
-            ds = read_header(tmp, ts)
-            f = header_facts(ds)
-            study, series = validate(ds, size, sop_class_uid, sop_instance_uid, ts, f)
-            del ds
+            try:
+                ds = read_header(tmp, ts, self.max_inflated)
+                f = header_facts(ds)
+                if ts.is_deflated:  # checked as the plain explicit VR data set it inflated to
+                    study, series = validate(ds, inflated_path(tmp).stat().st_size, sop_class_uid,
+                                             sop_instance_uid, ExplicitVRLittleEndian, f)
+                else:
+                    study, series = validate(ds, size, sop_class_uid, sop_instance_uid, ts, f)
+                del ds
+            finally:
+                if ts.is_deflated:
+                    _unlink(inflated_path(tmp))
             prior = self.ledger.stored_instance(sop_instance_uid)
             replaced = False
             if prior is not None:
@@ -284,8 +407,12 @@ class Intake:
                                          sop_class_uid=sop_class_uid, status=int(status), reason=reason)
         except Exception:
             log.exception("could not record the rejection in the ledger")
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink(tmp)
         return StoreResult(status, reason)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

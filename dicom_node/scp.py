@@ -12,6 +12,7 @@ import socket
 import ssl
 import threading
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,12 @@ from typing import Any, Callable
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
 from pydicom.uid import UID
 
 from dicom_node import incoming
 from dicom_node.config import Config, TLSConfig
 from dicom_node.intake import Intake, StoreStatus
+from dicom_node.transport import GuardedServer, Limits
 from storage.ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,42 @@ class AssociationTracker:
         )
 
 
+class Admission:
+    """At most *limit* associations past their A-ASSOCIATE-RQ at a time.
+
+    pynetdicom 3.0 counts every acceptor thread against
+    ``AE.maximum_associations``, including connections that have not sent
+    their association request yet, so ten silent peers lock every sender out
+    until their ACSE timeout.  Here only requested associations count; the AE's
+    own limit is raised above this one (see :func:`build_ae`) and connections
+    still waiting are bounded by the transport (``Limits.max_pending``).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._admitted: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        with self._lock:
+            live = [a for a in self._admitted if a.is_alive()]
+            if len(live) < self.limit:
+                self._admitted.add(assoc)
+                return
+        rq = assoc.requestor
+        calling = getattr(rq.primitive, "calling_ae_title", "") or "?"
+        log.warning("association from %s (%s:%s) rejected: %d associations open (node.max_associations)",
+                    calling, rq.address, rq.port, len(live))
+        # transient, service provider (presentation), local limit exceeded: what pynetdicom's own limit answers
+        assoc.acse.send_reject(0x02, 0x03, 0x02)
+        assoc.kill()  # waits for the A-ASSOCIATE-RJ to go out and the peer to close (or the ARTIM timer)
+
+    def closed(self, event: evt.Event) -> None:
+        with self._lock:
+            self._admitted.discard(event.assoc)
+
+
 def make_store_handler(intake: Intake, tracker: AssociationTracker) -> Callable[[evt.Event], int]:
     def handle_store(event: evt.Event) -> int:
         req = event.request
@@ -155,7 +192,9 @@ def handle_echo(event: evt.Event) -> int:
 
 def build_ae(cfg: Config) -> AE:
     ae = AE(ae_title=cfg.node.ae_title)
-    ae.maximum_associations = cfg.node.max_associations
+    # Admission enforces node.max_associations on requested associations; pynetdicom's own count
+    # (every acceptor thread, waiting connections included) is only a backstop above it
+    ae.maximum_associations = cfg.node.max_associations + connection_limits(cfg).max_pending
     ae.maximum_pdu_size = cfg.node.max_pdu
     ae.acse_timeout = cfg.node.acse_timeout
     ae.dimse_timeout = cfg.node.dimse_timeout
@@ -168,7 +207,14 @@ def build_ae(cfg: Config) -> AE:
     return ae
 
 
-def start_scp(cfg: Config, ledger: Ledger, intake: Intake) -> ThreadedAssociationServer:
+def connection_limits(cfg: Config) -> Limits:
+    """Deadlines and caps for every connection (see :mod:`dicom_node.transport`)."""
+    n = cfg.node
+    return Limits(acse_timeout=n.acse_timeout, network_timeout=n.network_timeout, max_pdu=n.max_pdu,
+                  max_pending=max(16, 4 * n.max_associations))
+
+
+def start_scp(cfg: Config, ledger: Ledger, intake: Intake) -> GuardedServer:
     """Start the SCP in the background and return its server (``.shutdown()`` to stop)."""
     # Stream each received data set straight into the spool's incoming folder
     # (same file system as its final place, so it is renamed, not copied).
@@ -178,8 +224,10 @@ def start_scp(cfg: Config, ledger: Ledger, intake: Intake) -> ThreadedAssociatio
 
     ae = build_ae(cfg)
     tracker = AssociationTracker(ledger, cfg.series.complete_on_release)
+    admission = Admission(cfg.node.max_associations)
     handlers = [
         (evt.EVT_CONN_OPEN, tracker.opened),
+        (evt.EVT_REQUESTED, admission.requested),
         (evt.EVT_ACCEPTED, tracker.accepted),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, make_store_handler(intake, tracker)),
@@ -187,11 +235,13 @@ def start_scp(cfg: Config, ledger: Ledger, intake: Intake) -> ThreadedAssociatio
         (evt.EVT_ABORTED, lambda e: tracker.ended(e, "aborted")),
         (evt.EVT_REJECTED, make_rejection_handler(cfg, ledger)),
         (evt.EVT_CONN_CLOSE, tracker.closed),
+        (evt.EVT_CONN_CLOSE, admission.closed),
     ]
     ssl_ctx = server_ssl_context(cfg.security.tls) if cfg.security.tls else None
-    server = ae.start_server(
-        (cfg.node.host, cfg.node.port), block=False, evt_handlers=handlers, ssl_context=ssl_ctx
-    )
+    server = ae.make_server((cfg.node.host, cfg.node.port), evt_handlers=handlers, ssl_context=ssl_ctx,
+                            server_class=GuardedServer, limits=connection_limits(cfg))
+    assert isinstance(server, GuardedServer)
+    server.start()
     return server
 
 

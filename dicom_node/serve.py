@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from pydicom import dcmread
 
@@ -24,6 +24,7 @@ from dicom_node.completion import CompletionMonitor
 from dicom_node.config import Config
 from dicom_node.intake import Intake
 from dicom_node.scp import start_scp
+from dicom_node.transport import GuardedServer
 from storage.ledger import InstanceRecord, Ledger
 from storage.spool import Spool
 
@@ -167,6 +168,35 @@ def check_listen_address(host: str, port: int) -> None:
         s.listen(1)
 
 
+def stop_receiving(server: GuardedServer, grace: float) -> None:
+    """Stop the SCP within *grace* + about 3 s, whatever peers do.
+
+    New connections stop at once, and so do connections that have not yet
+    sent their association request.  Established associations get *grace*
+    seconds to finish; then they are aborted and every connection is cut (a
+    peer stalled mid-PDU cannot hold us).
+    """
+    server.shutdown()
+    server.close_connections(unassociated_only=True)
+
+    def established() -> list[Any]:
+        return [a for a in server.active_associations if a.is_established]
+
+    deadline = time.monotonic() + grace
+    while established() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = established()
+    if left:
+        log.warning("%d association(s) still open at shutdown; aborting them", len(left))
+        for a in left:
+            a.abort(block=False)  # the A-ABORT goes out unless the reactor is blocked on a stalled peer
+        time.sleep(0.5)
+    server.close_connections()
+    deadline = time.monotonic() + 2.0
+    while established() and time.monotonic() < deadline:  # let the reactors see it (and fire their events)
+        time.sleep(0.05)
+
+
 def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
     stop = stop_event or threading.Event()
     check_listen_address(cfg.node.host, cfg.node.port)  # a port in use must not leave a new ledger behind
@@ -183,7 +213,8 @@ def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
     if released:
         log.info("resuming %d job(s) left mid-way by a previous run", released)
 
-    intake = Intake(spool, ledger, overwrite_instances=cfg.storage.overwrite_instances)
+    intake = Intake(spool, ledger, overwrite_instances=cfg.storage.overwrite_instances,
+                    max_inflated=cfg.node.max_inflated_mb << 20)
     server = start_scp(cfg, ledger, intake)
     monitor = CompletionMonitor(ledger, cfg)
     monitor.start()
@@ -216,14 +247,7 @@ def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
         except Exception as exc:  # e.g. busy; the next second tries again
             log.debug("ledger checkpoint skipped: %s", exc)
 
-    server.shutdown()  # stops accepting; established associations carry on
-    deadline = time.monotonic() + min(cfg.node.dimse_timeout, 30.0)
-    while server.active_associations and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if server.active_associations:
-        log.warning("%d association(s) still open at shutdown; aborting them", len(server.active_associations))
-        for a in server.active_associations:
-            a.abort()
+    stop_receiving(server, min(cfg.node.dimse_timeout, 30.0))
     monitor.stop()
     monitor.join(5)
     pool.stop()

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from netutil import free_port
+from netutil import free_port, wait_for_port
 
 DICOMNODE = [sys.executable, "-m", "dicom_node.cli"]
 
@@ -90,14 +90,18 @@ class NodeProcess:
         self.log_path = folder / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60) -> "NodeProcess":
+    def start(self, timeout: float = 60, ready: str = "echo") -> "NodeProcess":
+        """Start ``serve``; ready when it answers C-ECHO, or (``ready="port"``, e.g. TLS only) listens."""
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         # its own process group: kill9() can take down serve and every process it started, and nothing else
         self.proc = subprocess.Popen([*DICOMNODE, "serve", "--config", str(self.config)], stdout=log,
                                      stderr=subprocess.STDOUT, cwd=self.folder, env=env, start_new_session=True)
         try:
-            wait_for_echo(self.port, timeout=timeout, proc=self.proc)
+            if ready == "port":
+                wait_for_port(self.port, timeout=timeout, proc=self.proc)
+            else:
+                wait_for_echo(self.port, timeout=timeout, proc=self.proc)
         except Exception:
             raise RuntimeError(f"dicomnode serve did not start:\n{self.log()}") from None
         return self
