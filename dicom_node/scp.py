@@ -156,12 +156,10 @@ class Admission:
             if len(live) < self.limit:
                 self._admitted.add(assoc)
                 return
-        rq = assoc.requestor
-        calling = getattr(rq.primitive, "calling_ae_title", "") or "?"
-        log.warning("association from %s (%s:%s) rejected: %d associations open (node.max_associations)",
-                    calling, rq.address, rq.port, len(live))
-        # transient, service provider (presentation), local limit exceeded: what pynetdicom's own limit answers
+        # transient, service provider (presentation), local limit exceeded: what pynetdicom's own limit answers,
+        # and, as pynetdicom does after its own rejections, EVT_REJECTED: the rejection handler logs and records it
         assoc.acse.send_reject(0x02, 0x03, 0x02)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()  # waits for the A-ASSOCIATE-RJ to go out and the peer to close (or the ARTIM timer)
 
     def closed(self, event: evt.Event) -> None:
