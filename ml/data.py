@@ -44,6 +44,7 @@ __all__ = [
     "from_canonical",
     "head_mask",
     "input_volume",
+    "target_volume",
     "load_volume",
     "normalize",
     "thick_stack",
@@ -282,6 +283,24 @@ def input_volume(data: np.ndarray, mask: np.ndarray, method: InputNorm) -> np.nd
     return np.clip(np.asarray(data, dtype=np.float32) / np.float32(peak), 0.0, INPUT_CLIP).astype(np.float32)
 
 
+TARGET_SPAN = 5.0
+"""Tissue-peak targets are ``value / (TARGET_SPAN * tissue peak)``, clipped to [0, 1]: CSF, the brightest
+tissue on T2, lies at 3-5 times the main tissue peak in the shared data."""
+
+
+def target_volume(data: np.ndarray, mask: np.ndarray, method: InputNorm) -> tuple[np.ndarray, float]:
+    """A training target scaled as *method* says, in [0, 1], and the divisor used (physical units per unit).
+
+    ``percentile``: :func:`normalize` (the 99.5th percentile is 1; whether that is scalp fat or CSF depends
+    on the scan, so the network must guess the scan type from the input).  ``tissue-peak``: divided by
+    ``TARGET_SPAN`` times the main tissue peak, the same tissue scale for every scan."""
+    if method is InputNorm.PERCENTILE:
+        normed, norm = normalize(data, mask)
+        return np.clip(normed, 0.0, 1.0), norm.high
+    divisor = TARGET_SPAN * tissue_peak(data, mask)
+    return np.clip(np.asarray(data, dtype=np.float32) / np.float32(divisor), 0.0, 1.0).astype(np.float32), divisor
+
+
 def parse_input_norm(value: object) -> InputNorm:
     try:
         return InputNorm(str(value or InputNorm.PERCENTILE.value))
@@ -303,6 +322,7 @@ class Subject:
     affine: np.ndarray  # canonical affine
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # voxel size (mm) along the canonical axes
     _inputs: dict[tuple[str, InputNorm], np.ndarray] = field(default_factory=dict, repr=False)
+    _divisors: dict[tuple[str, InputNorm], float] = field(default_factory=dict, repr=False)
 
     def image(self, contrast: str) -> np.ndarray:
         return self.t1 if contrast == "T1" else self.t2
@@ -319,6 +339,18 @@ class Subject:
             img = self.image(contrast)
             self._inputs[key] = input_volume(img, head_mask(img), method)
         return self._inputs[key]
+
+    def target_image(self, contrast: str, method: InputNorm) -> tuple[np.ndarray, float]:
+        """*contrast* scaled as a training target (:func:`target_volume`) and its divisor in physical units."""
+        if method is InputNorm.PERCENTILE:
+            return np.clip(self.image(contrast), 0.0, 1.0), self.normalization(contrast).high
+        key = ("target-" + contrast, method)
+        if key not in self._inputs:
+            img = self.image(contrast)
+            vol, div = target_volume(img, head_mask(img), method)
+            self._inputs[key] = vol
+            self._divisors[key] = div * self.normalization(contrast).high  # image() is already divided by high
+        return self._inputs[key], self._divisors[key]
 
 
 def _find_contrast(folder: Path, contrast: str) -> Path | None:

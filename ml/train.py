@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .checkpoint import CheckpointError, checkpoint_paths, package_version, save_checkpoint
-from .data import (DataError, InputNorm, Subject, discover_paired, head_mask, load_subjects, parse_input_norm, slice_stack,
+from .data import (TARGET_SPAN, DataError, InputNorm, Subject, discover_paired, head_mask, load_subjects, parse_input_norm, slice_stack,
                    split_names, thick_stack, useful_slices)
 from .losses import Loss, parse_loss, training_loss
 from .inference import DIRECTIONS, predict_normalized, resolve_device
@@ -70,6 +70,7 @@ class TrainConfig:
     loss: str = "l1"  # "l1" | "l1+ssim"
     ssim_weight: float = 1.0
     input_norm: str = "percentile"  # "percentile" | "tissue-peak"
+    target_norm: str = "percentile"  # "percentile" | "tissue-peak" (the same tissue scale for every scan)
     mri_augment: bool = False  # thick-slice 2-D acquisitions, bias fields, noise (on top of --augment)
     time_budget: float | None = None  # minutes; stop cleanly with a resumable state after this long
     log_every: float = 60.0  # seconds between plain progress lines (slices/s, ETA)
@@ -360,6 +361,7 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, ra
     try:
         loss_kind = parse_loss(cfg.loss)
         input_norm = parse_input_norm(cfg.input_norm)
+        target_norm = parse_input_norm(cfg.target_norm)
     except (ValueError, DataError) as exc:
         raise TrainError(str(exc)) from None
     train_s, val_s = _load_data(cfg)
@@ -377,6 +379,7 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, ra
         for s in val_s:
             log.info("validation subject %s", s.name)
     inputs = [s.input_image(src, input_norm) for s in train_s]
+    targets = [s.target_image(tgt, target_norm) for s in train_s]
     steps = cfg.steps_per_epoch or max(1, len(samples) // (cfg.batch_size * world))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps, eta_min=lr * 0.02)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
@@ -404,8 +407,10 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, ra
     meta.update({
         "name": cfg.name or f"dicomnode-unet-{cfg.direction}",
         "direction": cfg.direction,
-        "output_scale": _output_scale(train_s, tgt),
+        "output_scale": float(np.median([d for _, d in targets])),
         "input_normalization": {"method": input_norm.value},
+        "target_normalization": {"method": target_norm.value,
+                                 **({"span": TARGET_SPAN} if target_norm is InputNorm.TISSUE_PEAK else {})},
     })
     meta["output_max"] = int(round(meta["output_scale"]))
     meta["window"] = [meta["output_max"] / 2.0, float(meta["output_max"])]
@@ -446,7 +451,7 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, ra
                         if cfg.mri_augment and train_s[i].spacing[2] < 2.0 and rng.random() < 0.5:
                             thick = int(rng.integers(2, 6))  # simulate a 2-5 mm 2-D acquisition from 1 mm data
                         xs.append(thick_stack(inputs[i], k, opts.context_slices, thick))
-                        ys.append(thick_stack(train_s[i].image(tgt), k, 0, thick))
+                        ys.append(thick_stack(targets[i][0], k, 0, thick))
                     ms = [train_s[i].mask[:, :, k] for i, k in chosen]
                     xb, yb = _crop_batch(xs, ys, ms, cfg.crop, rng)
                     x, y = torch.from_numpy(xb), torch.from_numpy(yb).clamp(0, 1)
@@ -534,6 +539,7 @@ class _OutOfTime(Exception):
 def _recipe(cfg: TrainConfig) -> dict[str, Any]:
     """The training choices a resumed run must share with the run it continues (``--epochs`` may grow)."""
     return {"loss": cfg.loss, "ssim_weight": cfg.ssim_weight, "input_norm": cfg.input_norm,
+            **({"target_norm": cfg.target_norm} if cfg.target_norm != "percentile" else {}),
             "mri_augment": cfg.mri_augment, "augment": cfg.augment, "crop": cfg.crop, "batch_size": cfg.batch_size,
             "steps_per_epoch": cfg.steps_per_epoch, "seed": cfg.seed}
 

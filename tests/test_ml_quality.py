@@ -228,3 +228,28 @@ def test_cross_validated_train_and_evaluate_through_the_cli(tmp_path: Path) -> N
         assert row["qc"]["verdict"] in ("pass", "warn", "fail") and "flip_disagreement" in row["qc"]["checks"]
     r = run.invoke(cli, ["evaluate", "--checkpoint", str(ck), "--folds", "4", "--data", str(data), "--device", "cpu"])
     assert r.exit_code == 2 and "fold-4" in r.output
+
+
+def test_tissue_peak_targets_are_on_one_tissue_scale_in_unit_range() -> None:
+    from ml.data import TARGET_SPAN, target_volume
+
+    rng = np.random.default_rng(3)
+    vol = np.zeros((30, 30, 30))
+    vol[5:25, 5:25, 5:25] = rng.normal(500, 15, (20, 20, 20))  # "grey matter"
+    vol[12:18, 12:18, 5:25] = 1800.0  # "CSF", 3.6x the tissue peak
+    mask = vol > 0
+    a, div = target_volume(vol, mask, InputNorm.TISSUE_PEAK)
+    b, div3 = target_volume(3 * vol, mask, InputNorm.TISSUE_PEAK)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    assert div3 == pytest.approx(3 * div) and div == pytest.approx(TARGET_SPAN * 500, rel=0.05)
+    assert 0.0 <= a.min() and a.max() <= 1.0 and a[15, 15, 15] == pytest.approx(1800 / div)
+
+
+def test_training_with_tissue_peak_targets_records_them(tmp_path: Path) -> None:
+    from ml.train import train
+
+    data = _make_paired(tmp_path / "mri")
+    r = train(_cfg(data, tmp_path / "ck", epochs=1, target_norm="tissue-peak"))
+    meta = json.loads((r.out / "model.json").read_text())
+    assert meta["target_normalization"] == {"method": "tissue-peak", "span": 5.0}
+    assert meta["output_scale"] > 0 and (r.out / "model.onnx").is_file()
