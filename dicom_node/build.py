@@ -43,7 +43,8 @@ from pydicom.uid import (
 from pydicom.valuerep import format_number_as_ds
 
 import dicom_node
-from dicom_node.config import Direction, OutputConfig
+from dicom_node.config import OutputConfig
+from vocab import Direction
 from dicom_node.volume import SeriesVolume
 
 __all__ = ["ModelIdentity", "Revision", "build_synthetic_series", "series_uid_for", "source_digest", "write_series",

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from vocab import DIRECTIONS, Direction
+
 if TYPE_CHECKING:
     from dicom_node.config import ModelConfig
 
@@ -93,14 +95,14 @@ def _progress() -> Any:
 
 _config_option = click.option("--config", "config", type=click.Path(path_type=Path), default=None,
                               help="Node configuration file (model.device / model.checkpoint defaults).")
-_DIRECTIONS = click.Choice(["t1-to-t2", "t2-to-t1"])
+_DIRECTIONS = click.Choice(list(DIRECTIONS))
 _DEVICE_HELP = "auto, cpu, cuda, cuda:N (default: config model.device, else auto: CUDA when present)."
 _ENGINE_HELP = "auto (ONNX Runtime on CPU, torch on CUDA), torch, onnxruntime (default: config model.engine, else auto)."
 
 
 @click.command("train")
 @click.option("--model", type=click.Choice(["unet", "cyclegan"]), default="unet", show_default=True)
-@click.option("--direction", type=_DIRECTIONS, default="t1-to-t2", show_default=True,
+@click.option("--direction", type=_DIRECTIONS, default=Direction.T1_TO_T2.value, show_default=True,
               help="For a CycleGAN both directions are trained; this one is the default when loading.")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Folder of subjects with T1 and T2.")
 @click.option("--val-subjects", multiple=True, help="Subject folder names held out for validation (repeatable or comma-separated).")

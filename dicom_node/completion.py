@@ -9,7 +9,8 @@ import logging
 import threading
 from datetime import datetime
 
-from dicom_node.config import Classification, Config, Direction
+from dicom_node.config import Config
+from vocab import Classification, Direction
 from dicom_node.selection import Decision, classify
 from storage.ledger import DueSeries, Ledger, utcnow
 

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dicom_node.config import Config, Destination, Direction
+from dicom_node.config import Config, Destination
+from vocab import Direction
 from dicom_node.outputs import BuiltOutput, OutputDamaged, check_output
 from dicom_node.retry import RetryPolicy
 from storage.ledger import ClaimedJob, Ledger, utcnow
