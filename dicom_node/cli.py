@@ -42,10 +42,10 @@ def _study_date(path: Path) -> str | None:
 
 
 def _valid_state(value: str | None) -> str | None:
-    from storage.ledger import Ledger
+    from vocab import STATUS_FILTERS
 
-    if value is not None and value not in Ledger.STATES:
-        raise UsageFailure(f"status --state: unknown state {value!r} (valid: {', '.join(Ledger.STATES)})")
+    if value is not None and value not in STATUS_FILTERS:
+        raise UsageFailure(f"status --state: unknown state {value!r} (valid: {', '.join(STATUS_FILTERS)})")
     return value
 
 
@@ -118,7 +118,7 @@ def status(config_path: Path, state: str | None, limit: int, as_json: bool) -> N
     """Show series and jobs, newest first (reads the ledger; works while serve runs)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from dicom_node.status import render
+    from dicom_node.status import render, status_json
     from storage.db import LedgerError
     from storage.ledger import Ledger
 
@@ -131,14 +131,13 @@ def status(config_path: Path, state: str | None, limit: int, as_json: bool) -> N
     except (SQLAlchemyError, OSError) as exc:
         raise UsageFailure(f"cannot read the ledger at {where}: {_one_line(exc)}") from None
     try:
-        data = ledger.status(state=state, limit=limit)
-        firsts = ledger.first_instance_paths([x["series_uid"] for x in data["series"]])
+        view = ledger.status(state=state, limit=limit)
+        firsts = ledger.first_instance_paths([x.series_uid for x in view.series])
     except (SQLAlchemyError, OSError) as exc:
         raise UsageFailure(f"cannot read the ledger at {where}: {_one_line(exc)}") from None
     finally:
         ledger.close()
-    for x in data["series"]:
-        x["study_date"] = _study_date(cfg.spool_dir / firsts[x["series_uid"]]) if x["series_uid"] in firsts else None
+    data = status_json(view, {uid: _study_date(cfg.spool_dir / rel) for uid, rel in firsts.items()})
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:

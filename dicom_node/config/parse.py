@@ -12,7 +12,7 @@ import re
 import tomllib
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar, cast
 
 from dicom_node.config.rules import SelectionRule
 from dicom_node.config.schema import (Config, ConfigError, DeliveryConfig, Destination, ModelConfig, NodeConfig,
@@ -21,6 +21,9 @@ from dicom_node.config.schema import (Config, ConfigError, DeliveryConfig, Desti
 from vocab import Classification, Direction
 
 __all__ = ["check_consistency", "load_config", "parse_config"]
+
+_T = TypeVar("_T")
+_N = TypeVar("_N", int, float)
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
 
@@ -38,23 +41,23 @@ class _Ctx:
         return ConfigError(f"{self.path}: {key}: {problem}")
 
 
-def _typed(ctx: _Ctx, key: str, value: Any, kind: type) -> Any:
+def _typed(ctx: _Ctx, key: str, value: Any, kind: type[_T]) -> _T:
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ctx.fail(key, f"expected a number, got {value!r}")
-        return float(value)
+        return cast(_T, float(value))
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ctx.fail(key, f"expected an integer, got {value!r}")
-        return value
+        return cast(_T, value)
     if kind is bool:
         if not isinstance(value, bool):
             raise ctx.fail(key, f"expected true or false, got {value!r}")
-        return value
+        return cast(_T, value)
     if kind is str:
         if not isinstance(value, str):
             raise ctx.fail(key, f"expected a string, got {value!r}")
-        return value
+        return cast(_T, value)
     raise AssertionError(kind)
 
 
@@ -84,7 +87,7 @@ def _port(ctx: _Ctx, key: str, value: Any) -> int:
     return v
 
 
-def _positive(ctx: _Ctx, key: str, value: Any, kind: type, allow_zero: bool = False) -> Any:
+def _positive(ctx: _Ctx, key: str, value: Any, kind: type[_N], allow_zero: bool = False) -> _N:
     v = _typed(ctx, key, value, kind)
     if v < 0 or (v == 0 and not allow_zero):
         raise ctx.fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {v}")
@@ -129,7 +132,7 @@ def _engine(ctx: _Ctx, key: str, value: Any) -> str:
 
 
 def _enum(ctx: _Ctx, key: str, value: Any, enum_cls: type[enum.Enum]) -> Any:
-    allowed = [m.value for m in enum_cls]  # type: ignore[attr-defined]
+    allowed = [m.value for m in enum_cls]
     if value not in allowed:
         raise ctx.fail(key, f"expected one of {', '.join(map(str, allowed))}, got {value!r}")
     return enum_cls(value)
