@@ -11,18 +11,10 @@ from typing import Any, Callable
 import click
 
 from dicom_node import __version__
+from dicom_node.cli_errors import UsageFailure
 from dicom_node.config import Config, ConfigError, load_config
 
 log = logging.getLogger("dicom_node")
-
-
-class UsageFailure(click.ClickException):
-    """One readable line on stderr, exit status 2."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"dicomnode: {self.format_message()}", err=True)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -154,7 +146,7 @@ def retry(config_path: Path, job_id: int | None, all_failed: bool, force: bool) 
 
     Only instances a destination has not confirmed are sent again.
     """
-    from dicom_node.outputs import OutputDamaged, check_output
+    from storage.outputs import OutputDamaged, check_output
     from storage.ledger import Ledger
 
     if (job_id is None) == (not all_failed):

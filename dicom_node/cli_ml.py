@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from dicom_node.cli_errors import UsageFailure
 from vocab import DIRECTIONS, Direction
 
 if TYPE_CHECKING:
@@ -25,13 +26,7 @@ __all__ = ["COMMANDS", "MLUsageError"]
 log = logging.getLogger(__name__)
 
 
-class MLUsageError(click.ClickException):
-    """One readable line on stderr, exit status 2."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"dicomnode: {self.format_message()}", err=True)
+MLUsageError = UsageFailure  # the CLI's one usage error (kept under this name for importers)
 
 
 def _fail(message: str) -> NoReturn:
@@ -40,8 +35,9 @@ def _fail(message: str) -> NoReturn:
 
 def _setup_logging() -> None:
     """Configure logging when the main CLI group has not (commands used on their own)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dicom_node.logsetup import configure
+
+    configure("INFO", keep_existing=True)
 
 
 def _model_config(config: Path) -> ModelConfig:

@@ -244,19 +244,9 @@ class Intake:
     @staticmethod
     def _record(relpath: str, transfer_syntax: str, study: str, series: str, sop_class_uid: str,
                 sop_instance_uid: str, calling_aet: str, f: dict[str, Any], size: int) -> InstanceRecord:
-        return InstanceRecord(
-                    sop_instance_uid=sop_instance_uid,
-                    sop_class_uid=sop_class_uid,
-                    study_uid=study,
-                    series_uid=series,
-                    transfer_syntax=transfer_syntax,
-                    path=relpath,
-                    size_bytes=size,
-                    calling_aet=calling_aet,
-                    modality=f["modality"] or None,
-                    description=f["description"] or None,
-                    attrs=f,
-                )
+        return InstanceRecord.of(sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid, study_uid=study,
+                                 series_uid=series, transfer_syntax=transfer_syntax, path=relpath, size_bytes=size,
+                                 calling_aet=calling_aet, facts=f)
 
     @staticmethod
     def _unlink(path: Path) -> None:

@@ -139,6 +139,10 @@ class Config:
     def spool_dir(self) -> Path:
         return self.storage.dir / "spool"
 
+    @property
+    def output_dir(self) -> Path:
+        return self.storage.dir / "output"
+
     def summary(self) -> str:
         """One log line with the effective settings (no secrets)."""
         dests = ", ".join(d.label for d in self.destinations) or "none"

@@ -35,6 +35,14 @@ class InstanceRecord:
     description: str | None
     attrs: dict[str, Any]
 
+    @classmethod
+    def of(cls, *, sop_instance_uid: str, sop_class_uid: str, study_uid: str, series_uid: str, transfer_syntax: str,
+           path: str, size_bytes: int, calling_aet: str, facts: dict[str, Any]) -> InstanceRecord:
+        """A record whose modality, description and attrs come from the header facts of selection."""
+        return cls(sop_instance_uid, sop_class_uid, study_uid, series_uid, transfer_syntax, path, size_bytes,
+                   calling_aet, modality=facts["modality"] or None, description=facts["description"] or None,
+                   attrs=facts)
+
 
 class InstanceConflict(Exception):
     """The SOP Instance UID is already stored in another series (nothing was written)."""
