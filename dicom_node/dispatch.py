@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dicom_node.config import Config, Destination
-from dicom_node.deliver import DeliveryResult, deliver
 from dicom_node.retry import RetryPolicy
 from storage.ledger import ClaimedJob, Ledger
 from storage.outputs import BuiltOutput
 from vocab import DeliveryOutcome, Direction
+
+if TYPE_CHECKING:
+    from dicom_node.deliver import DeliveryResult
 
 __all__ = ["Dispatcher", "SendReport", "Verdict"]
 
@@ -50,6 +53,8 @@ class Dispatcher:
 
     def send(self, job: ClaimedJob, built: BuiltOutput, destinations: list[Destination]) -> SendReport:
         """Send to each destination what it has not confirmed yet (a retry never sends a stored instance again)."""
+        from dicom_node.deliver import deliver  # pynetdicom: loaded by the first delivery, not by every worker start
+
         files = built.files
         report = SendReport([], [])
         for dest in destinations:
