@@ -25,6 +25,7 @@ test-deps:
 	  ($(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends dcmtk orthanc)
 
 test: install test-deps
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q -ra
 
 benchmarks: install test-deps

@@ -24,9 +24,8 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -43,8 +42,10 @@ from pydicom.uid import (
 from pydicom.valuerep import format_number_as_ds
 
 import dicom_node
-from dicom_node.config import Direction, OutputConfig
+from dicom_node.config import OutputConfig
 from dicom_node.volume import SeriesVolume
+from storage.durable import fsync_dir, write_durably
+from vocab import Direction
 
 __all__ = ["ModelIdentity", "Revision", "build_synthetic_series", "series_uid_for", "source_digest", "write_series",
            "HIGHDICOM_UID_ROOT"]
@@ -429,26 +430,7 @@ def write_series(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
     """Write each dataset as ``<SOPInstanceUID>.dcm`` atomically: temp file, fsync, rename, fsync folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    for ds in datasets:
-        final = folder / f"{ds.SOPInstanceUID}.dcm"
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                ds.save_as(fh, enforce_file_format=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        paths.append(final)
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    paths = [write_durably(folder / f"{ds.SOPInstanceUID}.dcm", partial(ds.save_as, enforce_file_format=True),
+                           sync_folder=False) for ds in datasets]
+    fsync_dir(folder)
     return paths

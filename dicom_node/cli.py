@@ -11,18 +11,10 @@ from typing import Any, Callable
 import click
 
 from dicom_node import __version__
+from dicom_node.cli_errors import UsageFailure
 from dicom_node.config import Config, ConfigError, load_config
 
 log = logging.getLogger("dicom_node")
-
-
-class UsageFailure(click.ClickException):
-    """One readable line on stderr, exit status 2."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"dicomnode: {self.format_message()}", err=True)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -42,10 +34,10 @@ def _study_date(path: Path) -> str | None:
 
 
 def _valid_state(value: str | None) -> str | None:
-    from storage.ledger import Ledger
+    from vocab import STATUS_FILTERS
 
-    if value is not None and value not in Ledger.STATES:
-        raise UsageFailure(f"status --state: unknown state {value!r} (valid: {', '.join(Ledger.STATES)})")
+    if value is not None and value not in STATUS_FILTERS:
+        raise UsageFailure(f"status --state: unknown state {value!r} (valid: {', '.join(STATUS_FILTERS)})")
     return value
 
 
@@ -118,7 +110,7 @@ def status(config_path: Path, state: str | None, limit: int, as_json: bool) -> N
     """Show series and jobs, newest first (reads the ledger; works while serve runs)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from dicom_node.status import render
+    from dicom_node.status import render, status_json
     from storage.db import LedgerError
     from storage.ledger import Ledger
 
@@ -131,14 +123,13 @@ def status(config_path: Path, state: str | None, limit: int, as_json: bool) -> N
     except (SQLAlchemyError, OSError) as exc:
         raise UsageFailure(f"cannot read the ledger at {where}: {_one_line(exc)}") from None
     try:
-        data = ledger.status(state=state, limit=limit)
-        firsts = ledger.first_instance_paths([x["series_uid"] for x in data["series"]])
+        view = ledger.status(state=state, limit=limit)
+        firsts = ledger.first_instance_paths([x.series_uid for x in view.series])
     except (SQLAlchemyError, OSError) as exc:
         raise UsageFailure(f"cannot read the ledger at {where}: {_one_line(exc)}") from None
     finally:
         ledger.close()
-    for x in data["series"]:
-        x["study_date"] = _study_date(cfg.spool_dir / firsts[x["series_uid"]]) if x["series_uid"] in firsts else None
+    data = status_json(view, {uid: _study_date(cfg.spool_dir / rel) for uid, rel in firsts.items()})
     if as_json:
         click.echo(json.dumps(data, indent=2))
     else:
@@ -155,7 +146,7 @@ def retry(config_path: Path, job_id: int | None, all_failed: bool, force: bool) 
 
     Only instances a destination has not confirmed are sent again.
     """
-    from dicom_node.outputs import OutputDamaged, check_output
+    from storage.outputs import OutputDamaged, check_output
     from storage.ledger import Ledger
 
     if (job_id is None) == (not all_failed):

@@ -15,6 +15,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from dicom_node.cli_errors import UsageFailure
+from vocab import DIRECTIONS, Direction
+
 if TYPE_CHECKING:
     from dicom_node.config import ModelConfig
 
@@ -23,13 +26,7 @@ __all__ = ["COMMANDS", "MLUsageError"]
 log = logging.getLogger(__name__)
 
 
-class MLUsageError(click.ClickException):
-    """One readable line on stderr, exit status 2."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"dicomnode: {self.format_message()}", err=True)
+MLUsageError = UsageFailure  # the CLI's one usage error (kept under this name for importers)
 
 
 def _fail(message: str) -> NoReturn:
@@ -38,8 +35,9 @@ def _fail(message: str) -> NoReturn:
 
 def _setup_logging() -> None:
     """Configure logging when the main CLI group has not (commands used on their own)."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dicom_node.logsetup import configure
+
+    configure("INFO", keep_existing=True)
 
 
 def _model_config(config: Path) -> ModelConfig:
@@ -93,14 +91,14 @@ def _progress() -> Any:
 
 _config_option = click.option("--config", "config", type=click.Path(path_type=Path), default=None,
                               help="Node configuration file (model.device / model.checkpoint defaults).")
-_DIRECTIONS = click.Choice(["t1-to-t2", "t2-to-t1"])
+_DIRECTIONS = click.Choice(list(DIRECTIONS))
 _DEVICE_HELP = "auto, cpu, cuda, cuda:N (default: config model.device, else auto: CUDA when present)."
 _ENGINE_HELP = "auto (ONNX Runtime on CPU, torch on CUDA), torch, onnxruntime (default: config model.engine, else auto)."
 
 
 @click.command("train")
 @click.option("--model", type=click.Choice(["unet", "cyclegan"]), default="unet", show_default=True)
-@click.option("--direction", type=_DIRECTIONS, default="t1-to-t2", show_default=True,
+@click.option("--direction", type=_DIRECTIONS, default=Direction.T1_TO_T2.value, show_default=True,
               help="For a CycleGAN both directions are trained; this one is the default when loading.")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Folder of subjects with T1 and T2.")
 @click.option("--val-subjects", multiple=True, help="Subject folder names held out for validation (repeatable or comma-separated).")

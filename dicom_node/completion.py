@@ -9,7 +9,8 @@ import logging
 import threading
 from datetime import datetime
 
-from dicom_node.config import Classification, Config, Direction
+from dicom_node.config import Config
+from vocab import Classification, Direction
 from dicom_node.selection import Decision, classify
 from storage.ledger import DueSeries, Ledger, utcnow
 
@@ -46,10 +47,10 @@ def complete_due(ledger: Ledger, cfg: Config, now: datetime | None = None) -> in
         waited = (utcnow() - due.last_received_at).total_seconds()
         if outcome is None:
             log.info("series %s complete (%s, %d instances, from %s): not selected: %s",
-                     due.series_uid, due.trigger, due.instances, due.calling_aet, decision.reason)
+                     due.series_uid, due.trigger.value, due.instances, due.calling_aet, decision.reason)
         else:
             log.info("series %s complete (%s after %.1f s, %d instances, from %s): %s (%s), job %d queued (%s)",
-                     due.series_uid, due.trigger, waited, due.instances, due.calling_aet,
+                     due.series_uid, due.trigger.value, waited, due.instances, due.calling_aet,
                      decision.classification.value, decision.reason, outcome, direction.value if direction else "")
     return n
 

@@ -29,12 +29,13 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from dicom_node.config import Destination, TLSConfig
+from vocab.dimse import (CANNOT_UNDERSTAND_CODES, DOES_NOT_MATCH_CODES, OUT_OF_RESOURCES_CODES, WARNING_STATUSES,
+                         StoreStatus)
 
 __all__ = ["DeliveryResult", "InstanceOutcome", "WARNING_STATUSES", "classify_status", "deliver", "ssl_context"]
 
 logger = logging.getLogger(__name__)
 
-WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
 _MAX_CONTEXTS = 128
 
 
@@ -68,23 +69,26 @@ class DeliveryResult:
         return sum(o.stored for o in self.outcomes)
 
 
+_WARNING_TEXT = {StoreStatus.COERCION_OF_DATA_ELEMENTS: "coercion of data elements",
+                 StoreStatus.ELEMENTS_DISCARDED: "elements discarded",
+                 StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING: "data set does not match SOP class"}
+
+
 def classify_status(status: int) -> tuple[bool, bool, str]:
     """(stored, retryable, text) for a C-STORE response status."""
-    if status == 0x0000:
+    if status == StoreStatus.SUCCESS:
         return True, False, "success"
     if status in WARNING_STATUSES:
-        text = {0xB000: "coercion of data elements", 0xB006: "elements discarded",
-                0xB007: "data set does not match SOP class"}[status]
-        return True, False, f"warning 0x{status:04X}: {text}"
-    if 0xA700 <= status <= 0xA7FF:
+        return True, False, f"warning 0x{status:04X}: {_WARNING_TEXT[StoreStatus(status)]}"
+    if status in OUT_OF_RESOURCES_CODES:
         return False, True, f"failure 0x{status:04X}: out of resources"
-    if 0xA900 <= status <= 0xA9FF:
+    if status in DOES_NOT_MATCH_CODES:
         return False, False, f"failure 0x{status:04X}: data set does not match SOP class"
-    if 0xC000 <= status <= 0xCFFF:
+    if status in CANNOT_UNDERSTAND_CODES:
         return False, False, f"failure 0x{status:04X}: cannot understand"
-    if status == 0x0122:
+    if status == StoreStatus.SOP_CLASS_NOT_SUPPORTED:
         return False, False, "failure 0x0122: SOP class not supported"
-    if status == 0xFE00:
+    if status == StoreStatus.CANCEL:
         return False, True, "cancelled 0xFE00"
     return False, False, f"failure 0x{status:04X}"
 

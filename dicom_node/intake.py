@@ -6,7 +6,6 @@ returns its status; nothing here knows about associations.
 
 from __future__ import annotations
 
-import enum
 import filecmp
 import logging
 import os
@@ -28,22 +27,12 @@ from pydicom.values import convert_UI
 from dicom_node import incoming, selection
 from storage.ledger import InstanceConflict, InstanceRecord, Ledger
 from storage.spool import Spool, SpoolFull, valid_uid
+from vocab.dimse import StoreStatus
 
 log = logging.getLogger(__name__)
 
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float, Double Float
 _UNDEFINED = 0xFFFFFFFF
-
-
-class StoreStatus(enum.IntEnum):
-    """C-STORE response statuses we return (PS3.4 Annex B.2.3; 0xC230/0xC231 are ours, in "cannot understand")."""
-
-    SUCCESS = 0x0000
-    OUT_OF_RESOURCES = 0xA700
-    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-    CANNOT_UNDERSTAND = 0xC000
-    UID_IN_ANOTHER_SERIES = 0xC230  # the SOP Instance UID is stored in another series
-    UID_WITH_OTHER_CONTENT = 0xC231  # stored with other content, and storage.overwrite_instances = false
 
 
 @dataclass(frozen=True)
@@ -378,19 +367,9 @@ class Intake:
     @staticmethod
     def _record(relpath: str, transfer_syntax: str, study: str, series: str, sop_class_uid: str,
                 sop_instance_uid: str, calling_aet: str, f: dict[str, Any], size: int) -> InstanceRecord:
-        return InstanceRecord(
-                    sop_instance_uid=sop_instance_uid,
-                    sop_class_uid=sop_class_uid,
-                    study_uid=study,
-                    series_uid=series,
-                    transfer_syntax=transfer_syntax,
-                    path=relpath,
-                    size_bytes=size,
-                    calling_aet=calling_aet,
-                    modality=f["modality"] or None,
-                    description=f["description"] or None,
-                    attrs=f,
-                )
+        return InstanceRecord.of(sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid, study_uid=study,
+                                 series_uid=series, transfer_syntax=transfer_syntax, path=relpath, size_bytes=size,
+                                 calling_aet=calling_aet, facts=f)
 
     @staticmethod
     def _unlink(path: Path) -> None:

@@ -6,7 +6,10 @@ import logging
 import sys
 
 
-def configure(level: str = "INFO") -> None:
+def configure(level: str = "INFO", *, keep_existing: bool = False) -> None:
+    """Log to stderr at *level*; with *keep_existing*, leave a configuration already in place alone."""
+    if keep_existing and logging.getLogger().handlers:
+        return
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s",

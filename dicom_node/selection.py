@@ -18,7 +18,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from dicom_node.config import Classification, SelectionRule, SeriesConfig
+from dicom_node.config import SelectionRule, SeriesConfig
+from vocab import Classification
 
 MR_IMAGE_CLASSES = frozenset(
     {

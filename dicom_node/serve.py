@@ -48,22 +48,11 @@ def reconcile(spool: Spool, ledger: Ledger) -> int:
         path = spool.path(rel)
         try:
             ds = dcmread(path, defer_size=4096)
-            f = selection.facts(ds)
-            ledger.record_instance(
-                InstanceRecord(
-                    sop_instance_uid=str(ds.SOPInstanceUID),
-                    sop_class_uid=str(ds.SOPClassUID),
-                    study_uid=str(ds.StudyInstanceUID),
-                    series_uid=str(ds.SeriesInstanceUID),
-                    transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
-                    path=rel,
-                    size_bytes=path.stat().st_size,
-                    calling_aet="(recovered)",
-                    modality=f["modality"] or None,
-                    description=f["description"] or None,
-                    attrs=f,
-                )
-            )
+            ledger.record_instance(InstanceRecord.of(
+                sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+                study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
+                transfer_syntax=str(ds.file_meta.TransferSyntaxUID), path=rel, size_bytes=path.stat().st_size,
+                calling_aet="(recovered)", facts=selection.facts(ds)))
             n += 1
         except Exception as exc:
             log.error("spooled file %s could not be re-indexed: %s", rel, exc)

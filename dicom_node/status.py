@@ -1,4 +1,4 @@
-"""``dicomnode status`` tables (rich), readable at 100 columns.
+"""``dicomnode status``: the ledger's read models as JSON (``--json``) and as tables (rich), readable at 100 columns.
 
 UIDs are shortened to their last 12 characters (``--json`` has them in full);
 long reasons and errors are printed below the tables, one paragraph per job.
@@ -14,10 +14,62 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from storage.ledger import JobRunView, JobView, NoteView, RejectionView, SeriesView, StatusView, iso
+from vocab import RETRYING
+
 _STYLE = {"failed": "red", "done": "green", "not_selected": "dim", "receiving": "cyan", "delivering": "yellow",
           "retrying": "yellow", "running": "yellow", "queued": "blue", "selected": "green", "superseded": "dim"}
 STAGES = ("waiting", "loading", "inference", "building", "sending")
 DEFAULT_WIDTH = 100  # when the output is not a terminal and COLUMNS is not set
+
+
+def series_json(s: SeriesView, study_date: str | None) -> dict[str, Any]:
+    return {
+        "study_uid": s.study_uid, "series_uid": s.series_uid, "state": s.state, "instances": s.instances,
+        "calling_aet": s.calling_aet, "modality": s.modality, "description": s.description,
+        "classification": s.classification, "reason": s.reason, "generation": s.generation,
+        "first_received_at": iso(s.first_received_at), "last_received_at": iso(s.last_received_at),
+        "completed_at": iso(s.completed_at), "study_date": study_date,
+    }
+
+
+def _run_json(r: JobRunView) -> dict[str, Any]:
+    return {"state": r.state, "error": r.error, "attempts": r.attempts, "started_at": iso(r.started_at),
+            "finished_at": iso(r.finished_at), "timings": dict(r.timings)}
+
+
+def job_json(j: JobView) -> dict[str, Any]:
+    return {
+        "id": j.id, "state": j.state, "direction": j.direction, "source_series_uid": j.source_series_uid,
+        "output_series_uid": j.output_series_uid, "output_instances": j.output_instances, "error": j.error,
+        "attempts": j.attempts, "worker": j.worker, "created_at": iso(j.created_at),
+        "started_at": iso(j.started_at), "finished_at": iso(j.finished_at),
+        "next_attempt_at": iso(j.next_attempt_at), "retrying": j.retrying, "timings": dict(j.timings),
+        "deliveries": {d: f"{c.stored}/{c.total} stored" for d, c in j.deliveries.items()},
+        "previous_runs": [_run_json(r) for r in j.previous_runs],
+    }
+
+
+def rejection_json(r: RejectionView) -> dict[str, Any]:
+    if r.kind == "association":
+        return {"kind": r.kind, "at": iso(r.at), "calling_aet": r.calling_aet, "called_aet": r.called_aet,
+                "peer": r.peer, "status": r.result, "reason": r.reason, "sop_instance_uid": None}
+    return {"kind": r.kind, "at": iso(r.at), "calling_aet": r.calling_aet, "sop_instance_uid": r.sop_instance_uid,
+            "status": None if r.status is None else f"0x{r.status:04X}", "reason": r.reason}
+
+
+def _note_json(n: NoteView) -> dict[str, Any]:
+    return {"at": iso(n.at), "calling_aet": n.calling_aet, "series_uid": n.series_uid,
+            "sop_instance_uid": n.sop_instance_uid, "text": n.text}
+
+
+def status_json(view: StatusView, study_dates: dict[str, str | None] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """What ``status --json`` prints (*study_dates*: per series UID, read from the spool by the CLI)."""
+    dates = study_dates or {}
+    return {"series": [series_json(s, dates.get(s.series_uid)) for s in view.series],
+            "jobs": [job_json(j) for j in view.jobs],
+            "rejections": [rejection_json(r) for r in view.rejections],
+            "notes": [_note_json(n) for n in view.notes]}
 
 
 def short_uid(uid: str | None, keep: int = 12) -> str:
@@ -50,7 +102,7 @@ def _state(state: str) -> str:
 
 def job_state(j: dict[str, Any]) -> str:
     """``retrying`` for a job waiting for its next delivery attempt, else its state."""
-    return "retrying" if j.get("retrying") else j["state"]
+    return RETRYING if j.get("retrying") else j["state"]
 
 
 def job_detail(j: dict[str, Any]) -> str:

@@ -15,14 +15,24 @@ import socket
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Iterator, Protocol
 
-from dicom_node.config import Config, Destination, Direction
-from dicom_node.outputs import BuiltOutput, OutputDamaged, check_output
-from dicom_node.retry import RetryPolicy
+from dicom_node.config import Config, Destination
+from dicom_node.dispatch import Dispatcher
 from storage.ledger import ClaimedJob, Ledger, utcnow
-from storage.models import JobState
+from storage.outputs import BuiltOutput, OutputDamaged, OutputTree, check_output
+from vocab import DeliveryOutcome, Direction, JobState
+
+if TYPE_CHECKING:
+    import numpy as np
+    from pydicom.dataset import Dataset
+
+    from dicom_node.build import Revision
+    from dicom_node.volume import SeriesVolume
+    from ml.inference import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +55,51 @@ class _Heartbeat(threading.Thread):
                 log.exception("lease renewal failed for job %d", self.job_id)
 
 
+@dataclass(frozen=True)
+class LoadedSeries:
+    """Stage *load*: the source volume and the revision its output's UIDs follow."""
+
+    volume: SeriesVolume
+    revision: Revision
+
+
+@dataclass(frozen=True)
+class Synthesis:
+    """Stage *infer*: the synthetic pixels (source geometry, labelled later) and the model that made them."""
+
+    model: LoadedModel
+    pixels: np.ndarray
+
+
+class QualityCheck(Protocol):
+    """The seam of a QC stage between *infer* and *build* (none is installed by default).
+
+    Raise :class:`JobFailed` to stop the job with a reason; return to let it go on.
+    """
+
+    def __call__(self, job: ClaimedJob, series: LoadedSeries, synthesis: Synthesis) -> None: ...
+
+
 class Worker:
-    def __init__(self, cfg: Config, ledger: Ledger | None = None) -> None:
+    """Runs jobs: load -> infer -> (qc) -> build -> write -> deliver, each stage timed in the ledger.
+
+    Timing names: ``waiting`` (queued to claimed), ``loading``, ``inference``,
+    ``qc`` (when a check is installed), ``building`` (build and write),
+    ``sending``.
+    """
+
+    def __init__(self, cfg: Config, ledger: Ledger | None = None, *, qc: QualityCheck | None = None) -> None:
         self.cfg = cfg
         self.ledger = ledger or Ledger(cfg.storage.ledger_url)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.spool_root = cfg.spool_dir
-        self.output_root = cfg.storage.dir / "output"
-        self._models: dict[str, Any] = {}
+        self.outputs = OutputTree(cfg.output_dir)
+        self.dispatch = Dispatcher(cfg, self.ledger)
+        self.qc = qc
+        self._models: dict[str, LoadedModel] = {}
 
     # ------------------------------------------------------------ models
-    def model(self, direction: Direction) -> Any:
+    def model(self, direction: Direction) -> LoadedModel:
         m = self._models.get(direction.value)
         if m is None:
             from ml.inference import load_model
@@ -104,21 +148,16 @@ class Worker:
         finally:
             hb.stop_evt.set()
 
-    def _stage(self, timings: dict[str, float], name: str, t0: float) -> None:
-        timings[name] = round(timings.get(name, 0.0) + time.monotonic() - t0, 3)
-
     def _process(self, job: ClaimedJob, timings: dict[str, float]) -> None:
         direction = Direction(job.direction)
         built = self._existing_output(job)
         if built is None:
-            files = self._synthesize(job, direction, timings)
-            j = self.ledger.job(job.id)
-            built = check_output(files[0].parent if files else None, len(files), j.output_series_uid if j else None)
+            built = self._synthesize(job, direction, timings)
         self._deliver(job, direction, built, timings)
 
     def _existing_output(self, job: ClaimedJob) -> BuiltOutput | None:
         """Output already built by an earlier run of this job (we resume at delivery), if it is intact."""
-        if job.state != JobState.DELIVERING.value or not job.output_dir:
+        if job.state != JobState.DELIVERING or not job.output_dir:
             return None
         j = self.ledger.job(job.id)
         if j is None:
@@ -129,13 +168,32 @@ class Worker:
             log.warning("job %d: built output cannot be sent again (%s); synthesizing again", job.id, exc)
             return None
 
-    def _synthesize(self, job: ClaimedJob, direction: Direction, timings: dict[str, float]) -> list[Path]:
-        from dicom_node import __version__
-        from dicom_node.build import ModelIdentity, Revision, build_synthetic_series, source_digest, write_series
-        from dicom_node.volume import SeriesError, load_series
-        from ml.inference import synthesize
+    # ------------------------------------------------------------ stages
+    def _synthesize(self, job: ClaimedJob, direction: Direction, timings: dict[str, float]) -> BuiltOutput:
+        with _timed(timings, "loading"):
+            series = self._load(job)
+        self.ledger.job_running(job.id, self.name, timings)
+        with _timed(timings, "inference"):
+            synthesis = self._infer(direction, series)
+        if self.qc is not None:
+            with _timed(timings, "qc"):
+                self.qc(job, series, synthesis)
+        with _timed(timings, "building"):
+            datasets = self._build(direction, series, synthesis)
+            files = self._write(job, datasets)
+        self.ledger.job_built(job.id, self.name, output_dir=str(self.outputs.job_dir(job.id)),
+                              output_series_uid=str(datasets[0].SeriesInstanceUID),
+                              output_instances=len(files), model_identity=synthesis.model.identity, timings=timings)
+        log.info("job %d: %s series %s -> %s, %d instances (load %.1f s, inference %.1f s, build %.1f s)",
+                 job.id, direction.value, job.source_series_uid, datasets[0].SeriesInstanceUID, len(files),
+                 timings.get("loading", 0), timings.get("inference", 0), timings.get("building", 0))
+        j = self.ledger.job(job.id)
+        return check_output(files[0].parent if files else None, len(files), j.output_series_uid if j else None)
 
-        t0 = time.monotonic()
+    def _load(self, job: ClaimedJob) -> LoadedSeries:
+        from dicom_node.build import Revision, source_digest
+        from dicom_node.volume import SeriesError, load_series
+
         rel = self.ledger.series_files(job.source_series_uid)
         if not rel:
             raise JobFailed("no instances of the series in the ledger")
@@ -150,97 +208,71 @@ class Worker:
         except Exception as exc:
             raise JobFailed(f"series could not be read: {type(exc).__name__}: {exc}") from None
         # the output's UIDs follow this exact input: a grown or changed series gets a new synthetic series
-        revision = Revision(job.generation, source_digest(paths), self.ledger.previous_output(job.id))
-        self._stage(timings, "loading", t0)
-        self.ledger.job_running(job.id, self.name, timings)
+        return LoadedSeries(vol, Revision(job.generation, source_digest(paths), self.ledger.previous_output(job.id)))
 
-        t0 = time.monotonic()
+    def _infer(self, direction: Direction, series: LoadedSeries) -> Synthesis:
+        from ml.inference import synthesize
+
         try:
             model = self.model(direction)
         except Exception as exc:  # missing/corrupt checkpoint: clear reason, no traceback
             raise JobFailed(f"model for {direction.value} unavailable: {exc}") from None
+        vol = series.volume
         synth = synthesize(model, vol.nifti_order(), vol.affine_ras(), batch_size=self.cfg.model.batch_size)
-        pixels = vol.from_nifti_order(synth)
-        self._stage(timings, "inference", t0)
+        return Synthesis(model, vol.from_nifti_order(synth))
 
-        t0 = time.monotonic()
+    def _build(self, direction: Direction, series: LoadedSeries, synthesis: Synthesis) -> list[Dataset]:
+        from dicom_node import __version__
+        from dicom_node.build import ModelIdentity, build_synthetic_series
+
+        pixels, model = synthesis.pixels, synthesis.model
         if self.cfg.output.burn_in_label:
             from dicom_node.label import burn_in_label
 
             pixels = burn_in_label(pixels, f"SYNTHETIC {direction.target.value}")
-        datasets = build_synthetic_series(
-            vol, pixels, direction=direction,
+        return build_synthetic_series(
+            series.volume, pixels, direction=direction,
             model=ModelIdentity(name=model.name, version=model.version, identity=model.identity),
             output=self.cfg.output, node_ae_title=self.cfg.node.ae_title, window=model.window,
-            software_version=__version__, burned_in=self.cfg.output.burn_in_label, revision=revision,
+            software_version=__version__, burned_in=self.cfg.output.burn_in_label, revision=series.revision,
         )
-        out_dir = self.output_root / f"job-{job.id}"
-        for old in out_dir.glob("*.dcm") if out_dir.is_dir() else []:
-            old.unlink()
-        files = write_series(datasets, out_dir)
-        self._stage(timings, "building", t0)
-        self.ledger.job_built(job.id, self.name, output_dir=str(out_dir),
-                              output_series_uid=str(datasets[0].SeriesInstanceUID),
-                              output_instances=len(files), model_identity=model.identity, timings=timings)
-        log.info("job %d: %s series %s -> %s, %d instances (load %.1f s, inference %.1f s, build %.1f s)",
-                 job.id, direction.value, job.source_series_uid, datasets[0].SeriesInstanceUID, len(files),
-                 timings.get("loading", 0), timings.get("inference", 0), timings.get("building", 0))
-        return files
+
+    def _write(self, job: ClaimedJob, datasets: list[Dataset]) -> list[Path]:
+        from dicom_node.build import write_series
+
+        return write_series(datasets, self.outputs.clear(job.id))
 
     def destinations_for(self, direction: Direction) -> list[Destination]:
-        return [d for d in self.cfg.destinations if direction in d.directions]
+        return self.dispatch.destinations_for(direction)
 
     def _deliver(self, job: ClaimedJob, direction: Direction, built: BuiltOutput, timings: dict[str, float]) -> None:
-        from dicom_node.deliver import deliver
-
-        files = built.files
-        dests = self.destinations_for(direction)
+        dests = self.dispatch.destinations_for(direction)
         if not dests:
             log.warning("job %d: no destination takes %s; output kept in the spool", job.id, direction.value)
             self.ledger.job_done(job.id, self.name, timings)
             return
-        t0 = time.monotonic()
-        retryable: list[str] = []
-        permanent: list[str] = []
-        calling = self.cfg.delivery.calling_ae_title or self.cfg.node.ae_title
-        for dest in dests:
-            # send only what this destination has not confirmed yet (a retry never sends a stored instance again)
-            stored = self.ledger.stored_instances(job.id, dest.label)
-            todo = [f for f, uid in zip(files, built.sop_instance_uids) if uid not in stored]
-            if not todo:
-                continue
-            if stored:
-                log.info("job %d: %d of %d instance(s) already stored at %s; sending the other %d", job.id,
-                         len(files) - len(todo), len(files), dest.label, len(todo))
-            res = deliver(todo, dest, calling_ae_title=calling, timeout=self.cfg.delivery.timeout_seconds)
-            self.ledger.record_deliveries(
-                job.id, dest.label, [(o.sop_instance_uid, o.status, o.stored, o.detail) for o in res.outcomes]
-            )
-            if res.ok:
-                continue
-            failed = [o for o in res.outcomes if not o.stored]
-            first = res.error or (f"0x{failed[0].status:04X} {failed[0].detail}" if failed and failed[0].status is not None
-                                  else (failed[0].detail if failed else "unknown"))
-            msg = f"{dest.label}: {len(failed)}/{len(files)} not stored ({first})"
-            (retryable if res.retryable else permanent).append(msg)
-        self._stage(timings, "sending", t0)
-        if permanent:
-            raise JobFailed("delivery failed: " + "; ".join(permanent + retryable))
-        if retryable:
-            policy = RetryPolicy.from_config(self.cfg.delivery)
-            j = self.ledger.job(job.id)
-            attempts = (j.attempts if j else job.attempts) + 1
-            if policy.gives_up(attempts):
-                raise JobFailed(f"delivery gave up after {attempts} attempts over "
-                                f"{policy.waited(attempts) / 3600:.2f} h: " + "; ".join(retryable))
-            delay = policy.delay(attempts)
-            log.warning("job %d: delivery attempt %d failed, retrying in %.1f s: %s", job.id, attempts, delay,
-                        "; ".join(retryable))
-            self.ledger.job_retry_later(job.id, self.name, "; ".join(retryable), delay, timings)
+        with _timed(timings, "sending"):
+            report = self.dispatch.send(job, built, dests)
+        verdict = self.dispatch.decide(job, report)
+        if verdict.outcome is DeliveryOutcome.FAILED:
+            raise JobFailed(verdict.reason)
+        if verdict.outcome is DeliveryOutcome.RETRY_LATER:
+            log.warning("job %d: delivery attempt %d failed, retrying in %.1f s: %s", job.id, verdict.attempts,
+                        verdict.delay_seconds, verdict.reason)
+            self.ledger.job_retry_later(job.id, self.name, verdict.reason, verdict.delay_seconds, timings)
             return
         self.ledger.job_done(job.id, self.name, timings)
-        log.info("job %d done: %d instances delivered to %s (waiting %.1f s, sending %.1f s)", job.id, len(files),
-                 ", ".join(d.label for d in dests), timings.get("waiting", 0), timings.get("sending", 0))
+        log.info("job %d done: %d instances delivered to %s (waiting %.1f s, sending %.1f s)", job.id,
+                 len(built.files), ", ".join(d.label for d in dests), timings.get("waiting", 0),
+                 timings.get("sending", 0))
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the time the block takes to ``timings[name]`` (seconds, 3 decimals); a stage that fails is not timed."""
+    t0 = time.monotonic()
+    yield
+    timings[name] = round(timings.get(name, 0.0) + time.monotonic() - t0, 3)
 
 
 def _install_signal_handlers(stop: threading.Event) -> None:
@@ -321,7 +353,7 @@ def slot_lock_path(cfg: Config, index: int) -> Path:
     return cfg.storage.dir / "workers" / f"slot-{index}.pid"
 
 
-def hold_slot(cfg: Config, index: int) -> Any:
+def hold_slot(cfg: Config, index: int) -> IO[str]:
     """Take worker slot *index* of this storage folder for this process's lifetime.
 
     An exclusive lock on ``<storage.dir>/workers/slot-N.pid``: a worker of an

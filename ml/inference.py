@@ -24,6 +24,8 @@ from scipy import ndimage
 from torch import nn
 from torch.nn import functional as F
 
+from vocab import DIRECTIONS, Direction
+
 from .checkpoint import CheckpointError, load_checkpoint, load_into
 from .data import DataError, InputNorm, from_canonical, head_mask, input_volume, parse_input_norm, slice_stack, to_canonical
 from .engine import Engine, onnx_module, resolve_engine
@@ -37,7 +39,6 @@ __all__ = ["DIRECTIONS", "assess", "LoadedModel", "WEIGHTS_DIR", "default_checkp
 
 log = logging.getLogger(__name__)
 
-DIRECTIONS = ("t1-to-t2", "t2-to-t1")
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
@@ -61,11 +62,11 @@ class LoadedModel:
 
     @property
     def source(self) -> str:
-        return "T1" if self.direction == "t1-to-t2" else "T2"
+        return Direction(self.direction).source.value
 
     @property
     def target(self) -> str:
-        return "T2" if self.direction == "t1-to-t2" else "T1"
+        return Direction(self.direction).target.value
 
 
 def resolve_device(device: str) -> torch.device:
@@ -121,7 +122,7 @@ def load_model(checkpoint: str | Path, direction: str | None = None, device: str
     dev = resolve_device(device)
     chosen_engine = resolve_engine(engine, dev)
     if str(checkpoint) == "default":
-        ckpt: Path = default_checkpoint(direction or "t1-to-t2")
+        ckpt: Path = default_checkpoint(direction or Direction.T1_TO_T2.value)
     else:
         ckpt = Path(checkpoint)
     state, meta, wpath = load_checkpoint(ckpt)

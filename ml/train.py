@@ -27,6 +27,8 @@ from scipy import ndimage
 from torch import nn
 from torch.nn import functional as F
 
+from vocab import Direction
+
 from .checkpoint import CheckpointError, checkpoint_paths, package_version, save_checkpoint
 from .data import (TARGET_SPAN, DataError, InputNorm, Subject, discover_paired, head_mask, load_subjects, parse_input_norm, slice_stack,
                    split_names, thick_stack, useful_slices)
@@ -49,7 +51,7 @@ class TrainError(RuntimeError):
 @dataclass
 class TrainConfig:
     model: str = "unet"
-    direction: str = "t1-to-t2"
+    direction: str = Direction.T1_TO_T2.value
     data: Path = Path("data")
     out: Path = Path("checkpoint")
     val_subjects: tuple[str, ...] = ()
@@ -171,7 +173,7 @@ def _validate(gens: dict[str, nn.Module], opts: NetworkOptions, val: Sequence[Su
     (``q_psnr``, ``q_ssim``) and :func:`compare`'s figures."""
     results: dict[str, Any] = {}
     for direction, net in gens.items():
-        src, tgt = ("T1", "T2") if direction == "t1-to-t2" else ("T2", "T1")
+        src, tgt = Direction(direction).source.value, Direction(direction).target.value
         was_training = net.training
         net.eval()
         per: dict[str, dict[str, float]] = {}
@@ -357,7 +359,7 @@ def _hms(seconds: float) -> str:
 
 def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, rank: int, world: int,
                 on_epoch: Callable[[int, dict[str, Any]], None] | None) -> TrainResult:
-    src, tgt = ("T1", "T2") if cfg.direction == "t1-to-t2" else ("T2", "T1")
+    src, tgt = Direction(cfg.direction).source.value, Direction(cfg.direction).target.value
     try:
         loss_kind = parse_loss(cfg.loss)
         input_norm = parse_input_norm(cfg.input_norm)
@@ -618,7 +620,7 @@ def _train_cyclegan(cfg: TrainConfig, opts: NetworkOptions, device: torch.device
         raise TrainError("cyclegan: multi-process training is only implemented for the U-Net")
     collections, collections_scale, train_s, val_s = _unpaired_collections(cfg)
     torch.manual_seed(cfg.seed)
-    g = {"t1-to-t2": build_network(opts).to(device), "t2-to-t1": build_network(opts).to(device)}
+    g = {Direction.T1_TO_T2.value: build_network(opts).to(device), Direction.T2_TO_T1.value: build_network(opts).to(device)}
     d = {"T2": build_discriminator(opts).to(device), "T1": build_discriminator(opts).to(device)}
     for m in [*g.values(), *d.values()]:
         init_weights(m)
@@ -654,7 +656,7 @@ def _train_cyclegan(cfg: TrainConfig, opts: NetworkOptions, device: torch.device
         sch_d.load_state_dict(state["sch_d"])
         history, start_epoch = state["history"], int(state["epoch"])
     meta = _base_meta(cfg, opts, train_s, val_s, lr, world)
-    scales = {"t1-to-t2": collections_scale["T2"], "t2-to-t1": collections_scale["T1"]}
+    scales = {Direction.T1_TO_T2.value: collections_scale["T2"], Direction.T2_TO_T1.value: collections_scale["T1"]}
     meta.update({
         "name": cfg.name or "dicomnode-cyclegan",
         "directions": list(DIRECTIONS),
@@ -703,7 +705,7 @@ def _train_cyclegan(cfg: TrainConfig, opts: NetworkOptions, device: torch.device
                             x = x.clamp(0, 1)
                         batch[c] = x.to(device)
                     a, b = batch["T1"], batch["T2"]
-                    g_ab, g_ba = g["t1-to-t2"], g["t2-to-t1"]
+                    g_ab, g_ba = g[Direction.T1_TO_T2.value], g[Direction.T2_TO_T1.value]
                     # generators
                     for p in (p for m in d.values() for p in m.parameters()):
                         p.requires_grad_(False)

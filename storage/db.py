@@ -139,7 +139,9 @@ def checkpoint(engine: Engine) -> tuple[int, int] | None:
         return None
     raw = engine.raw_connection()
     try:
-        _busy, log_frames, done = raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        dbapi = raw.driver_connection
+        assert dbapi is not None
+        _busy, log_frames, done = dbapi.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         return log_frames, done
     finally:
         raw.close()

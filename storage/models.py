@@ -2,36 +2,20 @@
 
 from __future__ import annotations
 
-import enum
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from vocab.states import ACTIVE_JOB_STATES, JobState, SeriesState
+
+__all__ = ["ACTIVE_JOB_STATES", "AssociationRejection", "Base", "Delivery", "Instance", "Job", "JobRun", "JobState", "Meta",
+           "Note", "Rejection", "Series", "SeriesState"]
+
 
 class Base(DeclarativeBase):
     pass
-
-
-class SeriesState(str, enum.Enum):
-    RECEIVING = "receiving"  # instances arriving; completes after the quiet period
-    SELECTED = "selected"  # complete, eligible: a job was queued
-    NOT_SELECTED = "not_selected"  # complete, not eligible (reason recorded)
-
-
-class JobState(str, enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"  # loading, inference, building
-    DELIVERING = "delivering"  # output built; sending (or waiting to retry)
-    DONE = "done"
-    FAILED = "failed"
-    # a newer job covers it: the series grew before this job started, or a job of a later generation
-    # of the series (same direction) finished; its synthetic series is replaced by that job's (error names it)
-    SUPERSEDED = "superseded"
-
-
-ACTIVE_JOB_STATES = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.DELIVERING.value)
 
 
 class Meta(Base):

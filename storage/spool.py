@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from storage.durable import fsync_dir
+
 log = logging.getLogger(__name__)
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -42,14 +44,6 @@ class SpoolFull(OSError):
 def valid_uid(uid: object) -> bool:
     """True for a DICOM UID that is safe to use as a path component."""
     return isinstance(uid, str) and 0 < len(uid) <= 64 and bool(_UID_RE.match(uid))
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)

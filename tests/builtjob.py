@@ -19,6 +19,7 @@ from dicomgen import SeriesSpec, make_series, phantom
 from dicomgen import write_series as write_source
 from dicom_node.build import ModelIdentity, build_synthetic_series, write_series
 from dicom_node.config import Config, Direction, load_config
+from dicom_node.status import status_json
 from dicom_node.volume import load_series
 from dicom_node.worker import Worker
 from netutil import free_port
@@ -74,7 +75,7 @@ class Node:
         w = worker or self.worker()
         deadline = time.monotonic() + timeout
         while True:
-            st = self.ledger.status(limit=500)
+            st = status_json(self.ledger.status(limit=500))  # as `status --json` shows it
             if until(st):
                 return st
             if time.monotonic() > deadline:
@@ -86,7 +87,7 @@ class Node:
                 w.process(job)
 
     def job(self, job_id: int) -> dict[str, Any]:
-        return next(j for j in self.ledger.status(limit=500)["jobs"] if j["id"] == job_id)
+        return next(j for j in status_json(self.ledger.status(limit=500))["jobs"] if j["id"] == job_id)
 
     def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         import os

@@ -37,7 +37,7 @@ def test_instances_are_unique_and_a_resend_is_not_counted(ledger: Ledger) -> Non
     a = ledger.record_instance(rec("1.1"))
     b = ledger.record_instance(rec("1.1"))
     assert not a.duplicate and b.duplicate
-    assert ledger.status()["series"][0]["instances"] == 1
+    assert ledger.status().series[0].instances == 1
 
 
 def test_completion_loses_to_a_newer_instance(ledger: Ledger) -> None:
@@ -70,7 +70,7 @@ def test_concurrent_workers_never_take_the_same_job(ledger: Ledger) -> None:
     claims = [q.get(timeout=5) for _ in range(q.qsize())] if hasattr(q, "qsize") else []
     claimed = [jid for _, jid in claims]
     assert sorted(claimed) == sorted(ids)  # every job exactly once
-    assert {j["state"] for j in ledger.status(limit=100)["jobs"]} == {"done"}
+    assert {j.state for j in ledger.status(limit=100).jobs} == {"done"}
 
 
 def test_a_dead_workers_job_is_taken_over_after_its_lease(ledger: Ledger) -> None:
@@ -100,9 +100,9 @@ def test_retry_requeues_a_failed_job_only(ledger: Ledger) -> None:
         ledger.retry_job(jid, resend=False)
     ledger.job_failed(jid, "w", "PACS said no", {"sending": 3.0})
     assert ledger.retry_job(jid, resend=False).previous_state == "failed"
-    job = ledger.status()["jobs"][0]
-    assert job["state"] == "queued" and job["timings"] == {} and job["attempts"] == 0
-    assert job["previous_runs"][0]["state"] == "failed" and job["previous_runs"][0]["timings"] == {"sending": 3.0}
+    job = ledger.status().jobs[0]
+    assert job.state == "queued" and job.timings == {} and job.attempts == 0
+    assert job.previous_runs[0].state == "failed" and job.previous_runs[0].timings == {"sending": 3.0}
     with pytest.raises(KeyError):
         ledger.retry_job(999, resend=False)
 
@@ -114,7 +114,7 @@ def test_a_done_job_is_retried_only_when_forced(ledger: Ledger) -> None:
     with pytest.raises(ValueError, match="--force"):
         ledger.retry_job(jid, resend=True)
     assert ledger.retry_job(jid, resend=True, force=True).previous_state == "done"
-    assert ledger.status()["jobs"][0]["state"] == "delivering"
+    assert ledger.status().jobs[0].state == "delivering"
 
 
 def test_schema_version_is_kept_and_checked(tmp_path: Path) -> None:
@@ -145,7 +145,7 @@ def test_new_instances_resends_and_a_reopened_series_are_counted_right(ledger: L
     assert late.reopened and late.generation == 2
     again = ledger.record_instance(rec("1.5.10"))  # receiving again: the short path once more
     assert not again.reopened and again.generation == 2
-    assert ledger.status()["series"][0]["instances"] == 7
+    assert ledger.status().series[0].instances == 7
 
 
 def test_serve_folds_the_wal_back_itself(tmp_path: Path) -> None:
@@ -161,7 +161,7 @@ def test_serve_folds_the_wal_back_itself(tmp_path: Path) -> None:
     led.record_instance(rec("1.6.50"))
     frames2, done2 = led.checkpoint()
     assert done2 == frames2 > 0
-    assert led.status()["series"][0]["instances"] == 51
+    assert led.status().series[0].instances == 51
     led.close()
 
 
@@ -181,10 +181,10 @@ def test_a_finished_later_generation_supersedes_the_earlier_job_whichever_finish
     assert claimed is not None and claimed.id == g2 and claimed.generation == 2
     assert ledger.job_done(g2, "w2", {})
     assert ledger.job_done(g1, "w1", {})  # the older job finishes last
-    jobs = {j["id"]: j for j in ledger.status()["jobs"]}
-    assert jobs[g2]["state"] == "done"
-    assert jobs[g1]["state"] == "superseded" and f"superseded by job {g2}" in jobs[g1]["error"]
+    jobs = {j.id: j for j in ledger.status().jobs}
+    assert jobs[g2].state == "done"
+    assert jobs[g1].state == "superseded" and f"superseded by job {g2}" in (jobs[g1].error or "")
     g3 = _job_of_generation(ledger, "1.9.3")
     assert ledger.claim_job("w3", 60) is not None and ledger.job_done(g3, "w3", {})
-    jobs = {j["id"]: j for j in ledger.status()["jobs"]}
-    assert [jobs[i]["state"] for i in (g1, g2, g3)] == ["superseded", "superseded", "done"]
+    jobs = {j.id: j for j in ledger.status().jobs}
+    assert [jobs[i].state for i in (g1, g2, g3)] == ["superseded", "superseded", "done"]

@@ -1,4 +1,11 @@
-"""Is a job's built output still there and intact?  (Checked before it is sent again.)"""
+"""The output tree: each job's built synthetic series, and whether it is still there and intact.
+
+Layout under ``<storage.dir>/output``::
+
+    job-<id>/<SOPInstanceUID>.dcm       the series built by job <id> (written by dicom_node.build.write_series)
+
+A built output is checked (:func:`check_output`) before it is sent again.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,24 @@ from pathlib import Path
 
 import pydicom
 
-__all__ = ["BuiltOutput", "OutputDamaged", "check_output"]
+__all__ = ["BuiltOutput", "OutputDamaged", "OutputTree", "check_output"]
+
+
+class OutputTree:
+    """``<storage.dir>/output``: one folder per job."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def job_dir(self, job_id: int) -> Path:
+        return self.root / f"job-{job_id}"
+
+    def clear(self, job_id: int) -> Path:
+        """The job's folder, emptied of files an earlier run built (a new run writes new UIDs)."""
+        folder = self.job_dir(job_id)
+        for old in folder.glob("*.dcm") if folder.is_dir() else []:
+            old.unlink()
+        return folder
 
 
 class OutputDamaged(Exception):

@@ -1,9 +1,8 @@
-"""Node configuration: defaults < config.toml < command-line flags.
+"""Reading and validating config.toml into a :class:`~dicom_node.config.schema.Config`.
 
-The TOML file is parsed once, every key is checked against the schema below
-and the result is a frozen, typed :class:`Config`.  Any problem raises
-:class:`ConfigError` whose message names the file, the key and what is wrong,
-so the CLI can print one line and exit with status 2.
+The TOML file is parsed once and every key is checked against the schema.
+Any problem raises :class:`ConfigError` whose message names the file, the key
+and what is wrong, so the CLI can print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -11,281 +10,22 @@ from __future__ import annotations
 import enum
 import re
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar, cast
 
-__all__ = [
-    "Classification",
-    "Config",
-    "ConfigError",
-    "DeliveryConfig",
-    "Destination",
-    "Direction",
-    "ModelConfig",
-    "NodeConfig",
-    "OutputConfig",
-    "SecurityConfig",
-    "SelectionRule",
-    "SeriesConfig",
-    "StorageConfig",
-    "TLSConfig",
-    "WorkerConfig",
-    "load_config",
-]
+from dicom_node.config.rules import SelectionRule
+from dicom_node.config.schema import (Config, ConfigError, DeliveryConfig, Destination, ModelConfig, NodeConfig,
+                                      OutputConfig, SecurityConfig, SeriesConfig, StorageConfig, TLSConfig,
+                                      WorkerConfig)
+from vocab import Classification, Direction
+
+__all__ = ["check_consistency", "load_config", "parse_config"]
+
+_T = TypeVar("_T")
+_N = TypeVar("_N", int, float)
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
-
-
-class ConfigError(ValueError):
-    """A configuration file or flag is invalid.  ``str(err)`` is one line."""
-
-
-class Direction(str, enum.Enum):
-    """Which way a model translates contrast."""
-
-    T1_TO_T2 = "t1-to-t2"
-    T2_TO_T1 = "t2-to-t1"
-
-    @property
-    def source(self) -> "Classification":
-        return Classification.T1 if self is Direction.T1_TO_T2 else Classification.T2
-
-    @property
-    def target(self) -> "Classification":
-        return Classification.T2 if self is Direction.T1_TO_T2 else Classification.T1
-
-    @classmethod
-    def for_source(cls, source: "Classification") -> "Direction":
-        if source is Classification.T1:
-            return cls.T1_TO_T2
-        if source is Classification.T2:
-            return cls.T2_TO_T1
-        raise ValueError(f"no synthesis direction for a {source.value} series")
-
-
-class Classification(str, enum.Enum):
-    """Outcome of series selection."""
-
-    T1 = "T1"
-    T2 = "T2"
-    NOT_ELIGIBLE = "not_eligible"
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    ae_title: str = "DICOMNODE"
-    host: str = "0.0.0.0"
-    port: int = 11112
-    max_associations: int = 10
-    max_pdu: int = 262144  # largest PDU we accept (bytes); 0 = unlimited
-    acse_timeout: float = 30.0
-    dimse_timeout: float = 60.0
-    network_timeout: float = 60.0
-    max_inflated_mb: int = 1024  # largest data set a Deflated transfer syntax may inflate to (MB)
-
-
-@dataclass(frozen=True)
-class TLSConfig:
-    cert: Path
-    key: Path
-    ca: Path | None = None
-    require_client_cert: bool = False
-
-
-@dataclass(frozen=True)
-class SecurityConfig:
-    allowed_calling_aets: tuple[str, ...] = ()
-    allow_any_calling_aet: bool = False
-    tls: TLSConfig | None = None
-
-
-@dataclass(frozen=True)
-class StorageConfig:
-    dir: Path = Path("var")
-    ledger_url: str = "sqlite:///var/ledger.db"
-    min_free_mb: int = 512
-    overwrite_instances: bool = False  # a resend of a stored SOP Instance UID with other content: replace or refuse
-
-
-@dataclass(frozen=True)
-class SelectionRule:
-    """One ordered classification rule; the first rule that matches wins.
-
-    Every condition that is set must hold.  ``classify`` is T1, T2 or
-    not_eligible (an exclusion rule, e.g. FLAIR or diffusion).
-    """
-
-    name: str
-    classify: Classification
-    description: str | None = None  # regex on SeriesDescription or ProtocolName
-    exclude_description: str | None = None
-    repetition_time_ms: tuple[float, float] | None = None
-    echo_time_ms: tuple[float, float] | None = None
-    inversion_time_ms: tuple[float, float] | None = None
-    scanning_sequence: tuple[str, ...] = ()  # any of, e.g. ["SE"], ["GR", "IR"]
-
-
-# Names are matched between non-alphanumeric boundaries ("_" separates, as in
-# "ep2d_dwi" or "sT1W_3D_TFE"), so "REST1" or "T10" never read as T1.
-_B = r"(?<![a-z0-9])"
-_E = r"(?![a-z0-9])"
-
-DEFAULT_RULES: tuple[SelectionRule, ...] = (
-    SelectionRule(
-        name="exclude-non-structural",
-        classify=Classification.NOT_ELIGIBLE,
-        description=(
-            rf"(?i){_B}(flair|dark.?fluid|dwi|dti|diff\w*|adc|trace|swi|swan|t2\*|t2.?star|bold|fmri|rest[0-9]*|task|"
-            rf"perf\w*|dsc|dce|asl|mra|tof|angio\w*|mip|scout|localizer|localiser|survey|aahead|calibration|"
-            rf"field.?map|b0|map|stir|pd){_E}"
-        ),
-    ),
-    SelectionRule(
-        name="exclude-echo-planar",
-        classify=Classification.NOT_ELIGIBLE,
-        scanning_sequence=("EP",),
-    ),
-    SelectionRule(
-        name="t2-by-name",
-        classify=Classification.T2,
-        description=rf"(?i){_B}(t2(?![0-9*])|t2w|propeller|blade)",
-        echo_time_ms=(50.0, 400.0),
-        repetition_time_ms=(1500.0, 20000.0),
-    ),
-    SelectionRule(
-        name="t1-by-name",
-        classify=Classification.T1,
-        description=rf"(?i){_B}(t1(?![0-9])|mp-?rage|mp2rage|spgr|bravo|tfl|tfe|flash|vibe)",
-        echo_time_ms=(0.0, 30.0),
-    ),
-    SelectionRule(
-        name="t1-spin-echo-by-parameters",
-        classify=Classification.T1,
-        repetition_time_ms=(300.0, 900.0),
-        echo_time_ms=(0.0, 30.0),
-        scanning_sequence=("SE",),
-    ),
-    SelectionRule(
-        name="t2-spin-echo-by-parameters",
-        classify=Classification.T2,
-        repetition_time_ms=(2000.0, 20000.0),
-        echo_time_ms=(70.0, 400.0),
-        scanning_sequence=("SE",),
-    ),
-)
-
-
-@dataclass(frozen=True)
-class SeriesConfig:
-    quiet_seconds: float = 10.0
-    complete_on_release: bool = True
-    release_grace_seconds: float = 1.0
-    min_slices: int = 8
-    rules: tuple[SelectionRule, ...] = DEFAULT_RULES
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    checkpoint: str = "default"  # "default" = the shipped models, or a directory / file
-    t1_to_t2: str | None = None  # per-direction override (path to a checkpoint)
-    t2_to_t1: str | None = None
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    engine: str = "auto"  # auto (ONNX Runtime on CPU, torch on CUDA) | torch | onnxruntime
-    batch_size: int = 16
-    directions: tuple[Direction, ...] = (Direction.T1_TO_T2, Direction.T2_TO_T1)
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    processes: int = 1
-    lease_seconds: float = 300.0
-    poll_seconds: float = 0.5
-
-
-@dataclass(frozen=True)
-class OutputConfig:
-    series_number_offset: int = 1000
-    series_description: str = "SYNTHETIC {target} (AI) from {source}"
-    synthetic_data_flag: bool = True
-    burn_in_label: bool = True  # draw "SYNTHETIC <contrast>" into the pixels (BurnedInAnnotation YES)
-    uid_root: str | None = None  # None = highdicom's root; else your organisation's
-    institution_name: str | None = None
-
-
-@dataclass(frozen=True)
-class DeliveryConfig:
-    """Retry schedule: wait initial, initial*factor, ... (at most max) between attempts, until the
-    waits add up to ``max_retry_hours`` (or ``max_attempts`` attempts were made, when that is > 0)."""
-
-    max_retry_hours: float = 24.0
-    max_attempts: int = 0  # 0 = no limit by count; max_retry_hours decides
-    backoff_initial_seconds: float = 10.0
-    backoff_factor: float = 2.0
-    backoff_max_seconds: float = 600.0
-    timeout_seconds: float = 30.0
-    calling_ae_title: str | None = None  # None = node.ae_title
-
-
-@dataclass(frozen=True)
-class Destination:
-    ae_title: str
-    host: str
-    port: int
-    name: str = ""
-    tls: TLSConfig | None = None
-    directions: tuple[Direction, ...] = (Direction.T1_TO_T2, Direction.T2_TO_T1)
-
-    @property
-    def label(self) -> str:
-        return self.name or f"{self.ae_title}@{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class Config:
-    node: NodeConfig = field(default_factory=NodeConfig)
-    security: SecurityConfig = field(default_factory=SecurityConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    series: SeriesConfig = field(default_factory=SeriesConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    worker: WorkerConfig = field(default_factory=WorkerConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
-    destinations: tuple[Destination, ...] = ()
-    source: Path | None = None  # the file this came from
-
-    @property
-    def spool_dir(self) -> Path:
-        return self.storage.dir / "spool"
-
-    def summary(self) -> str:
-        """One log line with the effective settings (no secrets)."""
-        dests = ", ".join(d.label for d in self.destinations) or "none"
-        aets = "any" if self.security.allow_any_calling_aet else ",".join(
-            self.security.allowed_calling_aets
-        )
-        return (
-            f"config={self.source} ae_title={self.node.ae_title} "
-            f"listen={self.node.host}:{self.node.port} tls={'on' if self.security.tls else 'off'} "
-            f"max_associations={self.node.max_associations} calling_aets={aets} "
-            f"storage={self.storage.dir} ledger={_redact_url(self.storage.ledger_url)} "
-            f"quiet_seconds={self.series.quiet_seconds} model={self.model.checkpoint} "
-            f"device={self.model.device} engine={self.model.engine} workers={self.worker.processes} destinations={dests}"
-        )
-
-    def with_overrides(self, **sections: Mapping[str, Any]) -> "Config":
-        """Apply command-line flags (already typed) on top of the file."""
-        cfg = self
-        for section, values in sections.items():
-            vals = {k: v for k, v in values.items() if v is not None}
-            if vals:
-                cfg = replace(cfg, **{section: replace(getattr(cfg, section), **vals)})
-        _check_consistency(cfg, cfg.source or Path("<flags>"))
-        return cfg
-
-
-def _redact_url(url: str) -> str:
-    return re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", url)
 
 
 # --------------------------------------------------------------------------
@@ -301,23 +41,23 @@ class _Ctx:
         return ConfigError(f"{self.path}: {key}: {problem}")
 
 
-def _typed(ctx: _Ctx, key: str, value: Any, kind: type) -> Any:
+def _typed(ctx: _Ctx, key: str, value: Any, kind: type[_T]) -> _T:
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ctx.fail(key, f"expected a number, got {value!r}")
-        return float(value)
+        return cast(_T, float(value))
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ctx.fail(key, f"expected an integer, got {value!r}")
-        return value
+        return cast(_T, value)
     if kind is bool:
         if not isinstance(value, bool):
             raise ctx.fail(key, f"expected true or false, got {value!r}")
-        return value
+        return cast(_T, value)
     if kind is str:
         if not isinstance(value, str):
             raise ctx.fail(key, f"expected a string, got {value!r}")
-        return value
+        return cast(_T, value)
     raise AssertionError(kind)
 
 
@@ -347,7 +87,7 @@ def _port(ctx: _Ctx, key: str, value: Any) -> int:
     return v
 
 
-def _positive(ctx: _Ctx, key: str, value: Any, kind: type, allow_zero: bool = False) -> Any:
+def _positive(ctx: _Ctx, key: str, value: Any, kind: type[_N], allow_zero: bool = False) -> _N:
     v = _typed(ctx, key, value, kind)
     if v < 0 or (v == 0 and not allow_zero):
         raise ctx.fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {v}")
@@ -392,7 +132,7 @@ def _engine(ctx: _Ctx, key: str, value: Any) -> str:
 
 
 def _enum(ctx: _Ctx, key: str, value: Any, enum_cls: type[enum.Enum]) -> Any:
-    allowed = [m.value for m in enum_cls]  # type: ignore[attr-defined]
+    allowed = [m.value for m in enum_cls]
     if value not in allowed:
         raise ctx.fail(key, f"expected one of {', '.join(map(str, allowed))}, got {value!r}")
     return enum_cls(value)
@@ -598,11 +338,11 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         destinations=destinations,
         source=path,
     )
-    _check_consistency(cfg, path)
+    check_consistency(cfg, path)
     return cfg
 
 
-def _check_consistency(cfg: Config, path: Path) -> None:
+def check_consistency(cfg: Config, path: Path) -> None:
     ctx = _Ctx(path)
     if not cfg.security.allowed_calling_aets and not cfg.security.allow_any_calling_aet:
         raise ctx.fail(

@@ -1,0 +1,48 @@
+"""The job ledger: instances, series and jobs, with their states.
+
+Every method is one short transaction.  The ledger is one class made of the
+parts that own each responsibility:
+
+* :mod:`~storage.ledger.receiving`: instances (unique by SOP Instance UID; a resend is idempotent),
+  rejections, association releases;
+* :mod:`~storage.ledger.completion`: due series; a series completes with a conditional UPDATE that
+  only succeeds if no new instance arrived meanwhile;
+* :mod:`~storage.ledger.jobs`: the job queue (claims, leases, runs, retries, supersession);
+* :mod:`~storage.ledger.deliveries`: per-instance delivery outcomes per destination;
+* :mod:`~storage.ledger.read`: typed read models for ``status`` and anything else that reports.
+"""
+
+from __future__ import annotations
+
+from storage.ledger.base import LedgerBase, iso, utcnow
+from storage.ledger.completion import Completion, DueSeries
+from storage.ledger.deliveries import Deliveries
+from storage.ledger.jobs import ClaimedJob, JobQueue, RetryOutcome
+from storage.ledger.read import (DeliveryCount, JobRunView, JobView, NoteView, ReadSide, RejectionView, SeriesView,
+                                 StatusView)
+from storage.ledger.receiving import InstanceConflict, InstanceRecord, Receiving, RecordOutcome, StoredInstance
+
+__all__ = [
+    "ClaimedJob",
+    "DeliveryCount",
+    "DueSeries",
+    "InstanceConflict",
+    "InstanceRecord",
+    "JobRunView",
+    "JobView",
+    "Ledger",
+    "LedgerBase",
+    "NoteView",
+    "RecordOutcome",
+    "RejectionView",
+    "RetryOutcome",
+    "SeriesView",
+    "StatusView",
+    "StoredInstance",
+    "iso",
+    "utcnow",
+]
+
+
+class Ledger(Receiving, Completion, JobQueue, Deliveries, ReadSide):
+    """The whole ledger (see the module docstring for which part owns what)."""
