@@ -120,7 +120,7 @@ class _PduGuard:
     def handshake_deadline(self) -> float | None:
         return self._first_deadline
 
-    def recv(self, bufsize: int, flags: int = 0) -> memoryview | bytes:  # type: ignore[override]
+    def recv(self, bufsize: int, flags: int = 0) -> memoryview | bytes:
         """Up to *bufsize* bytes of the current PDU, without copying (pynetdicom extends a bytearray with them)."""
         buf = self._buf
         if buf is None:
