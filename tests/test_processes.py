@@ -40,6 +40,15 @@ def send_t1(node: NodeProcess, folder: Path, slices: int = 24, size: int = 160) 
     return str(t1[0].SeriesInstanceUID)
 
 
+# A job that lasts long enough to be caught "running" and killed there: torch eager (ONNX Runtime
+# finishes a small series in half a second) on a larger series.
+SLOW_JOB = {"model": {"engine": "torch"}}
+
+
+def send_long_t1(node: NodeProcess, folder: Path) -> str:
+    return send_t1(node, folder, slices=48, size=256)
+
+
 def job(node: NodeProcess, uid: str, states: tuple[str, ...], timeout: float) -> dict:
     st = node.wait_for(lambda s: any(j["source_series_uid"] == uid and j["state"] in states for j in s["jobs"]),
                        timeout=timeout, what=f"job of {uid} in {states}")
@@ -61,9 +70,9 @@ def test_workers_exit_when_serve_is_killed_and_a_restart_runs_no_more_than_confi
 
 
 def test_a_job_running_when_serve_is_killed_is_resumed_at_once_by_the_restarted_node(tmp_path: Path) -> None:
-    node = start(tmp_path / "n")  # lease_seconds = 300: waiting out the lease would time the test out
+    node = start(tmp_path / "n", **SLOW_JOB)  # lease_seconds = 300: waiting out the lease would time the test out
     try:
-        uid = send_t1(node, tmp_path / "t1")
+        uid = send_long_t1(node, tmp_path / "t1")
         job(node, uid, ("running",), timeout=60)
         (worker,) = node.kill9_serve()
         wait_gone([worker], timeout=15)
@@ -96,9 +105,9 @@ def test_a_restart_waits_for_a_stray_worker_of_the_same_storage_folder(tmp_path:
 
 
 def test_a_worker_killed_mid_job_is_reaped_and_its_job_resumed_at_once(tmp_path: Path) -> None:
-    node = start(tmp_path / "n")
+    node = start(tmp_path / "n", **SLOW_JOB)
     try:
-        uid = send_t1(node, tmp_path / "t1")
+        uid = send_long_t1(node, tmp_path / "t1")
         running = job(node, uid, ("running",), timeout=60)
         (worker,) = node.worker_pids()
         assert running["worker"].endswith(f":{worker}")
