@@ -167,3 +167,28 @@ def test_interrupted_training_resumes(paired: Path, tmp_path: Path) -> None:
     meta = json.loads((tmp_path / "ck" / "model.json").read_text())
     assert meta["epochs_completed"] == 3
     assert [h["epoch"] for h in meta["validation"]["history"]] == [1, 2, 3]
+
+
+def test_log_lines_go_above_a_live_progress_bar_not_onto_it() -> None:
+    """The node's logging writes to whatever sys.stderr is when it writes: a live rich progress bar
+    redirects it and prints each log line on its own line above the bar."""
+    import io
+    import logging
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from dicom_node.logsetup import configure
+
+    configure()
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=200)
+    with Progress(console=console, redirect_stderr=True) as prog:
+        task = prog.add_task("train", total=2)
+        prog.advance(task)
+        logging.getLogger("ml.train").info("a line that must stand alone")
+        prog.advance(task)
+    lines = [ln for ln in screen.getvalue().split("\n") if "a line that must stand alone" in ln]
+    assert len(lines) == 1
+    shown = lines[0].rsplit("\r\x1b[2K", 1)[-1]  # what stays on screen after the bar's line is erased
+    assert "━" not in shown and shown[:4].isdigit()  # the log line alone, from its timestamp on
