@@ -248,3 +248,19 @@ def _path_class(p: Any) -> str:
     from pydicom import dcmread
 
     return str(dcmread(p, stop_before_pixels=True).SOPClassUID)
+
+
+def ledger_rows(node: NodeProcess, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of a read-only SQL query on the node's SQLite ledger."""
+    import sqlite3
+
+    con = sqlite3.connect(node.storage / "ledger.db")
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def spooled(node: NodeProcess, ds: Any) -> Path:
+    """Where the node's spool keeps the instance *ds*."""
+    return node.storage / "spool" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -12,21 +11,9 @@ from pydicom import dcmread
 from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
 from dicomgen import SeriesSpec, make_series
-from nodeproc import NodeProcess, pynetdicom_send
+from nodeproc import NodeProcess, ledger_rows, pynetdicom_send, spooled
 
 SUCCESS, UID_IN_ANOTHER_SERIES, UID_WITH_OTHER_CONTENT = 0x0000, 0xC230, 0xC231
-
-
-def rows(node: NodeProcess, sql: str) -> list[tuple]:
-    con = sqlite3.connect(node.storage / "ledger.db")
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
-
-def spooled(node: NodeProcess, ds) -> Path:
-    return node.storage / "spool" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
 
 
 def changed_pixels(ds):
@@ -52,7 +39,7 @@ def test_a_sop_instance_uid_reused_in_another_series_is_refused_and_recorded(nod
     # nothing of it was kept: no file in the new series' folder, no series row, the first series intact
     assert not spooled(node, intruder).exists()
     assert not spooled(node, intruder).parent.exists() or not list(spooled(node, intruder).parent.iterdir())
-    assert rows(node, "select series_uid, instances from series") == [(a[0].SeriesInstanceUID, 4)]
+    assert ledger_rows(node, "select series_uid, instances from series") == [(a[0].SeriesInstanceUID, 4)]
     assert dcmread(spooled(node, a[1])).SeriesInstanceUID == a[0].SeriesInstanceUID
     (rej,) = node.status()["rejections"]
     assert rej["status"] == "0xC230" and rej["sop_instance_uid"] == a[1].SOPInstanceUID
@@ -73,7 +60,7 @@ def test_new_content_under_a_stored_uid_is_refused_by_default_and_an_identical_r
     assert spooled(node, a[0]).read_bytes() == before  # the stored instance stays
     (rej,) = node.status()["rejections"]
     assert rej["status"] == "0xC231" and "overwrite_instances = false" in rej["reason"]
-    assert rows(node, "select instances, generation from series") == [(4, 1)]
+    assert ledger_rows(node, "select instances, generation from series") == [(4, 1)]
     assert node.status()["notes"] == []
 
 

@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 
 from dicomgen import SeriesSpec, make_secondary_capture, make_series, write_series
 from netutil import SHARED_DATA, dcmtk_env, needs_dcmtk, needs_shared, storescu
-from nodeproc import NodeProcess, pynetdicom_send
+from nodeproc import NodeProcess, ledger_rows, pynetdicom_send, spooled
 
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 
@@ -26,18 +26,6 @@ SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 def node(tmp_path: Path):
     with NodeProcess(tmp_path / "node") as n:
         yield n
-
-
-def ledger_rows(node: NodeProcess, sql: str) -> list[tuple]:
-    con = sqlite3.connect(node.storage / "ledger.db")
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
-
-
-def spooled(node: NodeProcess, ds) -> Path:
-    return node.storage / "spool" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
 
 
 @needs_dcmtk
