@@ -170,9 +170,9 @@ def train_command(model: str, direction: str, data: Path, val_subjects: tuple[st
     if out.exists() and any(out.iterdir()) and not (resume or force):
         _fail(f"--out: {out} already holds a training; add --resume to continue it or --force to start afresh")
     if force and not resume and out.is_dir():
-        import shutil
+        from ml.train import remove_training
 
-        shutil.rmtree(out)
+        remove_training(out)  # only what a training writes there; anything else in the folder stays
     cfg = TrainConfig(model=model, direction=direction, data=data, out=out, val_subjects=split(val_subjects),
                       exclude_subjects=split(exclude_subjects), epochs=epochs, batch_size=batch_size, lr=lr, device=dev,
                       resume=resume, crop=crop, steps_per_epoch=steps_per_epoch, seed=seed, network=network,

@@ -25,10 +25,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .data import INPUT_CLIP
+
 __all__ = ["Check", "QCResult", "Verdict", "check_input", "flip_disagreement", "input_reference", "summarize"]
 
 BINS = 64
-HIST_RANGE = (0.0, 4.0)  # the harmonised input range (ml.data.INPUT_CLIP)
+HIST_RANGE = (0.0, INPUT_CLIP)  # the harmonised input range
 
 
 class Verdict(str, enum.Enum):

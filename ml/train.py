@@ -34,7 +34,8 @@ from .data import (TARGET_SPAN, DataError, InputNorm, Subject, discover_paired, 
                    split_names, thick_stack, useful_slices)
 from .losses import Loss, parse_loss, training_loss
 from .inference import DIRECTIONS, predict_normalized, resolve_device
-from .metrics import NORMALIZATION_TEXT, QUALITY_TEXT, compare, quality, quality_mask
+from .evaluate import evaluation_mask
+from .metrics import NORMALIZATION_TEXT, QUALITY_TEXT, compare, quality
 from .networks import Architecture, NetworkOptions, build_discriminator, build_network, init_weights, parse_options
 
 __all__ = ["TrainConfig", "TrainError", "TrainResult", "train"]
@@ -181,7 +182,7 @@ def _validate(gens: dict[str, nn.Module], opts: NetworkOptions, val: Sequence[Su
             pred = predict_normalized(net, s.input_image(src, input_norm), opts, batch_size=16, device=device)
             pred[~ndimage.binary_dilation(head_mask(s.image(src)), iterations=2)] = 0.0  # as synthesize() does
             per[s.name] = compare(pred, s.image(tgt), s.mask)
-            q = quality(pred, s.image(tgt), quality_mask(s.image(tgt), s.image(src)))
+            q = quality(pred, s.image(tgt), evaluation_mask(s.image(tgt), s.image(src), s.mask))
             per[s.name].update({"q_psnr": q["psnr"], "q_ssim": q["ssim"]})
         net.train(was_training)
         if per:
@@ -759,6 +760,18 @@ def _train_cyclegan(cfg: TrainConfig, opts: NetworkOptions, device: torch.device
 # --------------------------------------------------------------------- cross-validation
 
 FOLDS_FILE = "folds.json"
+TRAINING_FILES = ("model.safetensors", "model.json", "model.onnx", RESUME_FILE, FOLDS_FILE)
+
+
+def remove_training(folder: Path) -> None:
+    """Delete what :func:`train` / :func:`train_folds` wrote in *folder* (``--force``), nothing else."""
+    import shutil
+
+    for name in TRAINING_FILES:
+        (folder / name).unlink(missing_ok=True)
+    for fold in folder.glob("fold-*"):
+        if fold.is_dir() and ((fold / "model.json").exists() or (fold / RESUME_FILE).exists()):
+            shutil.rmtree(fold)
 
 
 def _fold_finished(folder: Path, epochs: int) -> bool:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dicom_node.serve import pid_alive
 from netutil import free_port, wait_for_port
 
 DICOMNODE = [sys.executable, "-m", "dicom_node.cli"]
@@ -189,20 +190,6 @@ class NodeProcess:
 
     def series(self, uid: str) -> dict[str, Any] | None:
         return next((s for s in self.status()["series"] if s["series_uid"] == uid), None)
-
-
-def pid_alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def wait_gone(pids: list[int], timeout: float = 30) -> None:

@@ -253,3 +253,18 @@ def test_training_with_tissue_peak_targets_records_them(tmp_path: Path) -> None:
     meta = json.loads((r.out / "model.json").read_text())
     assert meta["target_normalization"] == {"method": "tissue-peak", "span": 5.0}
     assert meta["output_scale"] > 0 and (r.out / "model.onnx").is_file()
+
+
+def test_force_removes_the_training_and_nothing_else(tmp_path: Path) -> None:
+    data = _make_paired(tmp_path / "mri")
+    out = tmp_path / "ck"
+    out.mkdir()
+    (out / "notes.txt").write_text("the researcher's own file")
+    args = ["train", "--data", str(data), "--val-subjects", "sub2", "--batch-size", "2", "--crop", "32",
+            "--steps-per-epoch", "1", "--epochs", "1", "--network", TINY_NET, "--device", "cpu", "--out", str(out)]
+    run = CliRunner()
+    assert run.invoke(cli, args, catch_exceptions=False).exit_code == 2  # not empty: refused
+    assert run.invoke(cli, [*args, "--force"], catch_exceptions=False).exit_code == 0
+    first = (out / "model.json").read_text()
+    assert run.invoke(cli, [*args, "--force", "--seed", "1"], catch_exceptions=False).exit_code == 0
+    assert (out / "model.json").read_text() != first and (out / "notes.txt").read_text() == "the researcher's own file"
