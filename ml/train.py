@@ -397,6 +397,7 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, ra
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
+        _stretch_schedule(sched, cfg.epochs * steps)
         history = state["history"]
         start_epoch, start_step = int(state["epoch"]), int(state.get("step", 0))
         if "torch_rng" in state:
@@ -537,6 +538,20 @@ def _export_onnx(folder: Path) -> None:
 
 class _OutOfTime(Exception):
     """The time budget is used up (internal control flow of the training loops)."""
+
+
+def _stretch_schedule(sched: torch.optim.lr_scheduler.CosineAnnealingLR, total_steps: int) -> None:
+    """Fit a resumed cosine schedule to a run whose ``--epochs`` grew (or shrank).
+
+    The saved state holds the old run's length; left as it is, the learning rate of a longer run would climb back
+    up the cosine after the old end.  The rate is set to where the new, longer cosine stands at this step.
+    """
+    if sched.T_max == total_steps:
+        return
+    sched.T_max = total_steps
+    t = min(sched.last_epoch, total_steps)
+    for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
+        group["lr"] = sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * t / total_steps)) / 2
 
 
 def _recipe(cfg: TrainConfig) -> dict[str, Any]:

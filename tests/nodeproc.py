@@ -103,8 +103,8 @@ class NodeProcess:
                 wait_for_port(self.port, timeout=timeout, proc=self.proc)
             else:
                 wait_for_echo(self.port, timeout=timeout, proc=self.proc)
-        except Exception:
-            raise RuntimeError(f"dicomnode serve did not start:\n{self.log()}") from None
+        except Exception as e:
+            raise RuntimeError(f"dicomnode serve did not start ({e}):\n{self.log()}") from None
         return self
 
     def __enter__(self) -> "NodeProcess":
@@ -246,6 +246,31 @@ def ledger_rows(node: NodeProcess, sql: str) -> list[tuple[Any, ...]]:
         return con.execute(sql).fetchall()
     finally:
         con.close()
+
+
+def freeze_outside_ledger_write(node: NodeProcess, pid: int, timeout: float = 10) -> None:
+    """SIGSTOP *pid* at a moment it holds no ledger write transaction.
+
+    A process frozen inside a SQLite write transaction blocks every other writer, including the next
+    ``serve``'s start-up, until it runs again; a test of a stuck worker's slot must not freeze it there.
+    """
+    import sqlite3
+
+    deadline = time.monotonic() + timeout
+    while True:
+        os.kill(pid, signal.SIGSTOP)
+        con = sqlite3.connect(node.storage / "ledger.db", timeout=0, isolation_level=None)
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:  # frozen mid-transaction: let it finish and try again
+            os.kill(pid, signal.SIGCONT)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"pid {pid} kept the ledger's write lock for {timeout} s") from None
+            time.sleep(0.05)
+        finally:
+            con.close()
 
 
 def spooled(node: NodeProcess, ds: Any) -> Path:

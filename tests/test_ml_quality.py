@@ -190,6 +190,19 @@ def test_time_budget_stops_mid_epoch_and_resume_gives_the_same_weights(tmp_path:
     assert meta["input_normalization"] == {"method": "tissue-peak"} and meta["training"]["loss"] == "l1+ssim"
 
 
+def test_resume_with_more_epochs_anneals_over_the_longer_run(tmp_path: Path) -> None:
+    from ml.train import train
+
+    data = _make_paired(tmp_path / "mri")
+    train(_cfg(data, tmp_path / "ck", epochs=1, val_every=1))
+    longer = train(_cfg(data, tmp_path / "ck", epochs=2, resume=True, val_every=1))
+    assert longer.finished and longer.epochs_completed == 2
+    state = torch.load(tmp_path / "ck" / "resume.pt", weights_only=False)
+    (group,) = state["opt"]["param_groups"]
+    # the end of the longer run is the bottom of its cosine (the old run's schedule would be back at the top)
+    assert group["lr"] == pytest.approx(group["initial_lr"] * 0.02)
+
+
 def test_resume_refuses_another_recipe(tmp_path: Path) -> None:
     from ml.train import TrainError, train
 

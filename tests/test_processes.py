@@ -18,7 +18,7 @@ import pytest
 from dicomgen import SeriesSpec, make_series, write_series
 from dicom_node.serve import pid_alive
 from netutil import needs_dcmtk, storescu
-from nodeproc import NodeProcess, wait_gone
+from nodeproc import NodeProcess, freeze_outside_ledger_write, wait_gone
 
 pytestmark = [needs_dcmtk, pytest.mark.slow]
 
@@ -87,7 +87,7 @@ def test_a_restart_waits_for_a_stray_worker_of_the_same_storage_folder(tmp_path:
     node = start(tmp_path / "n")
     try:
         (stray,) = node.wait_for_workers(1)
-        os.kill(stray, signal.SIGSTOP)  # a stuck worker: it cannot react to its parent's death yet
+        freeze_outside_ledger_write(node, stray)  # a stuck worker: it cannot react to its parent's death yet
         node.kill9_serve()
         node.start()
         node.wait_for(lambda s: "still held by worker pid" in node.log(), what="new worker waiting for the slot")
