@@ -392,7 +392,9 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, ra
     if state is not None:
         if state.get("model") != "unet" or state.get("direction") != cfg.direction or state.get("network") != opts.to_dict():
             raise TrainError(f"--resume: {cfg.out} was trained with other settings (model/direction/network differ)")
-        if state.get("recipe", _recipe(cfg)) != _recipe(cfg):
+        saved = dict(state.get("recipe", _recipe(cfg)))
+        saved.pop("epochs", None)  # states saved before --epochs could grow on resume carry it
+        if saved != _recipe(cfg):
             raise TrainError(f"--resume: {cfg.out} was trained with another recipe ({state.get('recipe')})")
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])

@@ -203,6 +203,18 @@ def test_resume_with_more_epochs_anneals_over_the_longer_run(tmp_path: Path) -> 
     assert group["lr"] == pytest.approx(group["initial_lr"] * 0.02)
 
 
+def test_resume_accepts_a_state_saved_with_its_epoch_count_in_the_recipe(tmp_path: Path) -> None:
+    from ml.train import train
+
+    data = _make_paired(tmp_path / "mri")
+    train(_cfg(data, tmp_path / "ck", time_budget=1e-6))
+    state_path = tmp_path / "ck" / "resume.pt"
+    state = torch.load(state_path, weights_only=False)
+    state["recipe"]["epochs"] = 2  # how states were saved before --epochs could grow
+    torch.save(state, state_path)
+    assert train(_cfg(data, tmp_path / "ck", resume=True)).finished
+
+
 def test_resume_refuses_another_recipe(tmp_path: Path) -> None:
     from ml.train import TrainError, train
 
