@@ -82,8 +82,12 @@ def serve(config_path: Path, host: str | None, port: int | None, ae_title: str |
                                  worker={"processes": workers})
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None
+    from storage.db import LedgerError
+
     try:
         code = run_serve(cfg)
+    except LedgerError as exc:
+        raise UsageFailure(f"cannot start: ledger: {exc}") from None
     except OSError as exc:
         raise UsageFailure(f"cannot start: {exc.strerror or exc} ({cfg.node.host}:{cfg.node.port})") from None
     sys.exit(code)
@@ -95,8 +99,14 @@ def worker(config_path: Path) -> None:
     """Run one synthesis worker against the shared ledger and spool."""
     from dicom_node.worker import run_worker
 
+    from storage.db import LedgerError
+
     cfg = read_config(config_path)
-    sys.exit(run_worker(cfg))
+    try:
+        code = run_worker(cfg)
+    except LedgerError as exc:
+        raise UsageFailure(f"cannot start: ledger: {exc}") from None
+    sys.exit(code)
 
 
 @cli.command()

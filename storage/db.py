@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from sqlalchemy import Engine, create_engine, event, inspect, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from storage.models import Base, Meta
@@ -41,8 +42,11 @@ class LedgerError(RuntimeError):
 #: checkpoints are normally run in the background (a safety net, about 40 MB)
 LAZY_AUTOCHECKPOINT_PAGES = 10000
 
+#: how long a writer waits for SQLite's write lock before giving up
+BUSY_TIMEOUT_S = 60.0
 
-def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
+
+def make_engine(url: str, *, background_checkpoints: bool = False, busy_timeout: float = BUSY_TIMEOUT_S) -> Engine:
     """An engine for *url*; SQLite gets its pragmas here.
 
     With *background_checkpoints* the caller runs :func:`checkpoint` every few
@@ -55,7 +59,7 @@ def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
         db = u.database
         if db and db != ":memory:":
             Path(db).parent.mkdir(parents=True, exist_ok=True)
-        kwargs["connect_args"] = {"timeout": 60, "check_same_thread": False}
+        kwargs["connect_args"] = {"timeout": busy_timeout, "check_same_thread": False}
     else:
         kwargs["pool_pre_ping"] = True
     engine = create_engine(url, **kwargs)
@@ -69,7 +73,7 @@ def make_engine(url: str, *, background_checkpoints: bool = False) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
             if background_checkpoints:
                 cur.execute(f"PRAGMA wal_autocheckpoint={LAZY_AUTOCHECKPOINT_PAGES}")
             cur.close()
@@ -147,8 +151,45 @@ def checkpoint(engine: Engine) -> tuple[int, int] | None:
         raw.close()
 
 
+def _note_write_lock(engine: Engine) -> None:
+    """Log once, before waiting, when another process holds SQLite's write lock (a stuck process would
+    otherwise look like a silent hang for the whole busy timeout)."""
+    if engine.dialect.name != "sqlite":
+        return
+    raw = engine.raw_connection()
+    try:
+        dbapi = raw.driver_connection
+        assert dbapi is not None
+        (timeout_ms,) = dbapi.execute("PRAGMA busy_timeout").fetchone()
+        dbapi.execute("PRAGMA busy_timeout=0")
+        try:
+            dbapi.execute("BEGIN IMMEDIATE")
+            dbapi.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            log.warning("ledger %s is write-locked by another process; waiting up to %.0f s for it",
+                        engine.url.database, timeout_ms / 1000)
+        finally:
+            dbapi.execute(f"PRAGMA busy_timeout={int(timeout_ms)}")
+    finally:
+        raw.close()
+
+
 def migrate(engine: Engine) -> int:
-    """Create or upgrade the schema; returns the version now in place."""
+    """Create or upgrade the schema; returns the version now in place.
+
+    Raises :class:`LedgerError` when another process keeps the ledger write-locked past the busy timeout.
+    """
+    _note_write_lock(engine)
+    try:
+        return _migrate(engine)
+    except (OperationalError, sqlite3.OperationalError) as exc:  # the raw one comes from the BEGIN hook
+        if "locked" not in str(exc):
+            raise
+        raise LedgerError(f"{engine.url.database} stayed write-locked by another process; is a dicomnode process "
+                          "stopped or stuck, or a tool holding a transaction open?") from None
+
+
+def _migrate(engine: Engine) -> int:
     insp = inspect(engine)
     with Session(engine) as session, session.begin():
         if not insp.has_table("meta"):

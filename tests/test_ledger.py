@@ -128,6 +128,22 @@ def test_schema_version_is_kept_and_checked(tmp_path: Path) -> None:
         Ledger(url)
 
 
+def test_a_ledger_kept_write_locked_by_another_process_is_named_not_a_traceback(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    Ledger(url).close()
+    holder = sqlite3.connect(tmp_path / "l.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # e.g. a process stopped in the middle of a transaction
+    try:
+        with caplog.at_level("WARNING", logger="storage.db"), pytest.raises(LedgerError, match="write-locked"):
+            Ledger(url, busy_timeout=0.5)
+        assert "waiting up to 0 s" in caplog.text or "waiting up to 1 s" in caplog.text
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert Ledger(url, busy_timeout=0.5).schema_version == 1  # free again: opens at once
+
+
 def test_sqlite_runs_in_wal_mode(ledger: Ledger, tmp_path: Path) -> None:
     con = sqlite3.connect(tmp_path / "ledger.db")
     assert con.execute("pragma journal_mode").fetchone()[0] == "wal"

@@ -9,7 +9,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, Result, Table
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
-from storage.db import check_schema, checkpoint, make_engine, make_read_only_engine, migrate
+from storage.db import BUSY_TIMEOUT_S, check_schema, checkpoint, make_engine, make_read_only_engine, migrate
 
 __all__ = ["LedgerBase", "iso", "rowcount", "table", "utcnow"]
 
@@ -36,7 +36,8 @@ def table(model: type[DeclarativeBase]) -> Table:
 
 
 class LedgerBase:
-    def __init__(self, url: str, *, background_checkpoints: bool = False, read_only: bool = False) -> None:
+    def __init__(self, url: str, *, background_checkpoints: bool = False, read_only: bool = False,
+                 busy_timeout: float = BUSY_TIMEOUT_S) -> None:
         """Open (creating or migrating) the ledger at *url*.
 
         With *read_only* (``dicomnode status``) nothing is created, migrated
@@ -53,8 +54,12 @@ class LedgerBase:
                 self.engine.dispose()
                 raise
         else:
-            self.engine = make_engine(url, background_checkpoints=background_checkpoints)
-            self.schema_version = migrate(self.engine)
+            self.engine = make_engine(url, background_checkpoints=background_checkpoints, busy_timeout=busy_timeout)
+            try:
+                self.schema_version = migrate(self.engine)
+            except BaseException:
+                self.engine.dispose()
+                raise
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._fast_path = bool(self.engine.dialect.update_returning)  # SQLite >= 3.35, PostgreSQL
 
