@@ -23,7 +23,7 @@ from dicomgen import SeriesSpec, make_series, write_series  # noqa: E402
 from netutil import DcmtkStoreSCP  # noqa: E402
 
 from dicom_node.config import Destination  # noqa: E402
-from dicom_node.deliver import deliver  # noqa: E402
+from dicom_node.net.scu import deliver  # noqa: E402
 
 
 class _Unexpected(logging.Handler):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CPU cost of reading PDUs through ``dicom_node.transport.GuardedSocket`` versus a plain socket.
+"""CPU cost of reading PDUs through ``dicom_node.net.transport.GuardedSocket`` versus a plain socket.
 
 Reads ``--pdus`` P-DATA-TF PDUs of ``--kb`` KiB (default: one 256x256x16-bit
 instance per PDU, as the ingest benchmark sends) over a loopback socket pair,
@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dicom_node.transport import GuardedSocket, Limits  # noqa: E402
+from dicom_node.net.transport import GuardedSocket, Limits  # noqa: E402
 
 
 def read_like_pynetdicom(sock: socket.socket, n: int) -> None:

@@ -199,7 +199,7 @@ def retry(config_path: Path, job_id: int | None, all_failed: bool, force: bool) 
 @click.option("--timeout", type=click.FloatRange(0.1), default=10.0, show_default=True, help="Seconds per destination.")
 def echo(config_path: Path, destination: str | None, timeout: float) -> None:
     """C-ECHO every configured destination (or the one named): one line each; exit 1 if any does not answer."""
-    from dicom_node.echo import echo as c_echo
+    from dicom_node.net.echo import echo as c_echo
 
     cfg = read_config(config_path)
     dests = list(cfg.destinations)

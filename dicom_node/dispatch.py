@@ -18,7 +18,7 @@ from storage.outputs import BuiltOutput
 from vocab import DeliveryOutcome, Direction
 
 if TYPE_CHECKING:
-    from dicom_node.deliver import DeliveryResult
+    from dicom_node.net.scu import DeliveryResult
 
 __all__ = ["Dispatcher", "SendReport", "Verdict"]
 
@@ -53,7 +53,7 @@ class Dispatcher:
 
     def send(self, job: ClaimedJob, built: BuiltOutput, destinations: list[Destination]) -> SendReport:
         """Send to each destination what it has not confirmed yet (a retry never sends a stored instance again)."""
-        from dicom_node.deliver import deliver  # pynetdicom: loaded by the first delivery, not by every worker start
+        from dicom_node.net.scu import deliver  # pynetdicom: loaded by the first delivery, not by every worker start
 
         files = built.files
         report = SendReport([], [])

@@ -1,6 +1,6 @@
 """Intake of one received instance: validate, spool durably, record, decide the status.
 
-The C-STORE handler in :mod:`dicom_node.scp` calls :meth:`Intake.store` and
+The C-STORE handler in :mod:`dicom_node.net.scp` calls :meth:`Intake.store` and
 returns its status; nothing here knows about associations.
 """
 

@@ -23,8 +23,8 @@ from dicom_node import selection
 from dicom_node.completion import CompletionMonitor
 from dicom_node.config import Config
 from dicom_node.intake import Intake
-from dicom_node.scp import start_scp
-from dicom_node.transport import GuardedServer
+from dicom_node.net.scp import start_scp
+from dicom_node.net.transport import GuardedServer
 from storage.ledger import InstanceRecord, Ledger
 from storage.spool import Spool
 

@@ -8,8 +8,6 @@ per association.  No inference ever runs on an association thread.
 from __future__ import annotations
 
 import logging
-import socket
-import ssl
 import threading
 import time
 import weakref
@@ -19,41 +17,26 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
 from pydicom.uid import UID
 
 from dicom_node import incoming
-from dicom_node.config import Config, TLSConfig
-from dicom_node.intake import Intake, StoreStatus
-from dicom_node.transport import GuardedServer, Limits
+from dicom_node.config import Config
+from dicom_node.intake import Intake
+from dicom_node.net.tls import server_context, set_nodelay
+from dicom_node.net.transport import GuardedServer, Limits
 from storage.ledger import Ledger
+from vocab.dimse import StoreStatus
 
 log = logging.getLogger(__name__)
 
 
 def storage_sop_classes() -> list[str]:
     """Every storage SOP class pynetdicom knows (MR, Enhanced MR, SR, SC, CT, ...)."""
-    from pynetdicom.sop_class import _STORAGE_CLASSES  # the registry behind sop_class
+    from pynetdicom import AllStoragePresentationContexts
 
-    return sorted(set(_STORAGE_CLASSES.values()))
-
-
-def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
-    if tls.ca is not None:
-        ctx.load_verify_locations(cafile=str(tls.ca))
-    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
-    return ctx
-
-
-def set_nodelay(sock: Any) -> None:
-    """Turn Nagle's algorithm off (pynetdicom leaves it on: ~40 ms lost per instance)."""
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass
+    return sorted({str(cx.abstract_syntax) for cx in AllStoragePresentationContexts})
 
 
 @dataclass
@@ -170,6 +153,7 @@ class Admission:
 def make_store_handler(intake: Intake, tracker: AssociationTracker) -> Callable[[evt.Event], int]:
     def handle_store(event: evt.Event) -> int:
         req = event.request
+        assert isinstance(req, C_STORE)
         result = intake.store(
             Path(event.dataset_path),
             calling_aet=event.assoc.requestor.ae_title,
@@ -206,7 +190,7 @@ def build_ae(cfg: Config) -> AE:
 
 
 def connection_limits(cfg: Config) -> Limits:
-    """Deadlines and caps for every connection (see :mod:`dicom_node.transport`)."""
+    """Deadlines and caps for every connection (see :mod:`dicom_node.net.transport`)."""
     n = cfg.node
     return Limits(acse_timeout=n.acse_timeout, network_timeout=n.network_timeout, max_pdu=n.max_pdu,
                   max_pending=max(16, 4 * n.max_associations))
@@ -223,7 +207,7 @@ def start_scp(cfg: Config, ledger: Ledger, intake: Intake) -> GuardedServer:
     ae = build_ae(cfg)
     tracker = AssociationTracker(ledger, cfg.series.complete_on_release)
     admission = Admission(cfg.node.max_associations)
-    handlers = [
+    handlers: list[evt.EventHandlerType] = [
         (evt.EVT_CONN_OPEN, tracker.opened),
         (evt.EVT_REQUESTED, admission.requested),
         (evt.EVT_ACCEPTED, tracker.accepted),
@@ -235,7 +219,7 @@ def start_scp(cfg: Config, ledger: Ledger, intake: Intake) -> GuardedServer:
         (evt.EVT_CONN_CLOSE, tracker.closed),
         (evt.EVT_CONN_CLOSE, admission.closed),
     ]
-    ssl_ctx = server_ssl_context(cfg.security.tls) if cfg.security.tls else None
+    ssl_ctx = server_context(cfg.security.tls) if cfg.security.tls else None
     server = ae.make_server((cfg.node.host, cfg.node.port), evt_handlers=handlers, ssl_context=ssl_ctx,
                             server_class=GuardedServer, limits=connection_limits(cfg))
     assert isinstance(server, GuardedServer)
@@ -265,7 +249,7 @@ def make_rejection_handler(cfg: Config, ledger: Ledger) -> Callable[[evt.Event],
         calling = str(getattr(req, "calling_ae_title", None) or rq.ae_title or "").strip()
         called = str(getattr(req, "called_ae_title", None) or "").strip()
         peer = f"{rq.address}:{rq.port}"
-        result = {0x01: "rejected (permanent)", 0x02: "rejected (transient)"}.get(getattr(rj, "result", None),
+        result = {0x01: "rejected (permanent)", 0x02: "rejected (transient)"}.get(int(getattr(rj, "result", 0) or 0),
                                                                                   "rejected")
         reason = rejection_reason(cfg, getattr(rj, "result", None), getattr(rj, "result_source", None),
                                   getattr(rj, "diagnostic", None), str(getattr(rj, "reason_str", "") or ""))

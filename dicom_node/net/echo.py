@@ -9,10 +9,10 @@ from typing import Any
 
 from pynetdicom import AE, evt
 from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
 
 from dicom_node.config import Destination
-from dicom_node.deliver import ssl_context
+from dicom_node.net.tls import client_context
 
 __all__ = ["EchoResult", "echo"]
 
@@ -45,7 +45,7 @@ def echo(destination: Destination, *, calling_ae_title: str, timeout: float = 10
         return EchoResult(destination, ok, answer, time.monotonic() - started)
 
     try:
-        tls_args = (ssl_context(destination.tls), destination.host) if destination.tls else None
+        tls_args = (client_context(destination.tls), destination.host) if destination.tls else None
     except (OSError, ssl.SSLError) as exc:
         return done(False, f"TLS configuration error: {exc}")
     try:

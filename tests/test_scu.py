@@ -21,7 +21,7 @@ from dicomgen import SeriesSpec, make_secondary_capture, make_series, phantom
 from dicomgen import write_series as write_source
 from dicom_node.build import ModelIdentity, build_synthetic_series, write_series
 from dicom_node.config import Destination, Direction, OutputConfig, TLSConfig
-from dicom_node.deliver import DeliveryResult, classify_status, deliver
+from dicom_node.net.scu import DeliveryResult, classify_status, deliver
 from dicom_node.volume import load_series
 from netutil import DcmtkStoreSCP, PynetdicomStoreSCP, free_port, needs_dcmtk, self_signed_cert
 from orthanc import OrthancError, OrthancServer, needs_orthanc, orthanc  # noqa: F401 - fixture
@@ -60,7 +60,7 @@ def test_status_classification() -> None:
 @needs_dcmtk
 def test_dcmtk_storescp_receives_every_instance(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     files, src = _synthetic(tmp_path, slices=12)
-    caplog.set_level(logging.INFO, logger="dicom_node.deliver")
+    caplog.set_level(logging.INFO, logger="dicom_node.net.scu")
     with DcmtkStoreSCP(tmp_path / "received") as scp:
         result = deliver(files, _dest(scp.port, scp.ae_title), calling_ae_title=CALLING, timeout=10)
     assert result.ok and not result.retryable and result.error is None
@@ -75,7 +75,7 @@ def test_dcmtk_storescp_receives_every_instance(tmp_path: Path, caplog: pytest.L
         assert got.PixelData == orig.PixelData
         assert got.SeriesInstanceUID == orig.SeriesInstanceUID
     # one log line for the association, with Nagle off on the real socket and no patient data
-    lines = [r.getMessage() for r in caplog.records if r.name == "dicom_node.deliver"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "dicom_node.net.scu"]
     assert len(lines) == 1
     line = lines[0]
     assert "tcp_nodelay=1" in line and "stored=12" in line and f"calling={CALLING}" in line and "called=STORESCP" in line

@@ -15,7 +15,6 @@ stored.
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -28,11 +27,12 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
-from dicom_node.config import Destination, TLSConfig
+from dicom_node.config import Destination
+from dicom_node.net.tls import client_context, set_nodelay
 from vocab.dimse import (CANNOT_UNDERSTAND_CODES, DOES_NOT_MATCH_CODES, OUT_OF_RESOURCES_CODES, WARNING_STATUSES,
                          StoreStatus)
 
-__all__ = ["DeliveryResult", "InstanceOutcome", "WARNING_STATUSES", "classify_status", "deliver", "ssl_context"]
+__all__ = ["DeliveryResult", "InstanceOutcome", "WARNING_STATUSES", "classify_status", "deliver"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +91,6 @@ def classify_status(status: int) -> tuple[bool, bool, str]:
     if status == StoreStatus.CANCEL:
         return False, True, "cancelled 0xFE00"
     return False, False, f"failure 0x{status:04X}"
-
-
-def ssl_context(tls: TLSConfig) -> ssl.SSLContext:
-    """Client TLS context: verify the peer against ``tls.ca`` (or the system CAs), present our certificate."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls.ca else None)
-    ctx.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
-    return ctx
 
 
 @dataclass
@@ -176,21 +169,14 @@ class _ResponsesToTheSender:
     def __call__(self, block: bool = False) -> Any:
         context_id, msg = self.get_msg(block=block)
         if not block and msg is not None and not msg.is_valid_request:
-            self.dimse.msg_queue.put((context_id, msg))
+            self.dimse.msg_queue.put((context_id, msg))  # type: ignore[arg-type]  # as get_msg took it off
             self.kept += 1
             return None, None
         return context_id, msg
 
 
 def _set_nodelay(assoc: Association) -> bool:
-    try:
-        sock = assoc.dul.socket.socket  # type: ignore[union-attr]
-        if sock is None:
-            return False
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-    except (AttributeError, OSError):
-        return False
+    return set_nodelay(assoc.dul.socket.socket if assoc.dul.socket else None)
 
 
 def deliver(
@@ -235,7 +221,7 @@ def deliver(
     tls_args = None
     if destination.tls is not None:
         try:
-            tls_args = (ssl_context(destination.tls), destination.host)
+            tls_args = (client_context(destination.tls), destination.host)
         except (OSError, ssl.SSLError) as exc:
             result.error = f"TLS configuration error: {exc}"
             _fail_all(slots, sendable, False, result.error)
