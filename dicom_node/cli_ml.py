@@ -356,8 +356,8 @@ def predict_command(checkpoint: str | None, input_path: Path, output: Path, dire
         out = synthesize(model, vol.data, vol.affine, batch_size=batch_size,
                          progress=lambda n: prog.advance(task, n))
         prog.update(task, completed=nz)
-    img = nib.Nifti1Image(out, vol.affine)
-    img.header.set_data_dtype(np.uint16)
+    img = nib.Nifti1Image(out, vol.affine)  # type: ignore[no-untyped-call]
+    img.header.set_data_dtype(np.uint16)  # type: ignore[no-untyped-call]
     img.header["descrip"] = f"synthetic {model.target} {model.identity}"[:79].encode()
     img.header["cal_min"], img.header["cal_max"] = 0, model.output_max
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -110,4 +110,4 @@ def install(folder: Path) -> None:
     def factory(*_args: Any, suffix: str = ".dcm", **_kwargs: Any) -> IncomingFile:
         return IncomingFile(folder, suffix=suffix)
 
-    dimse_messages.NamedTemporaryFile = factory  # type: ignore[assignment]
+    dimse_messages.NamedTemporaryFile = factory  # type: ignore[assignment,attr-defined]

@@ -239,10 +239,11 @@ def validate(ds: Dataset, size: int, sop_class_uid: str, sop_instance_uid: str, 
             if not transfer_syntax.is_deflated and tell + length > size:  # deflated: offsets are in the inflated stream
                 raise Malformed(f"truncated: pixel data needs {length} bytes, file ends {size - tell} bytes after its start")
             if elem.tag == 0x7FE00010 and not transfer_syntax.is_compressed:
-                dims = (f.get("rows"), f.get("cols"), f.get("samples"), f.get("frames"), f.get("bits"))
-                if not all(isinstance(d, int) and d > 0 for d in dims):
+                dims = [f.get(k) for k in ("rows", "cols", "samples", "frames", "bits")]
+                sizes = [d for d in dims if isinstance(d, int) and d > 0]
+                if len(sizes) != len(dims):
                     raise Malformed("image pixel description (Rows, Columns, BitsAllocated) missing or invalid")
-                rows, cols, samples, frames, bits = dims
+                rows, cols, samples, frames, bits = sizes
                 expected = rows * cols * samples * frames * bits // 8
                 if length < expected:
                     raise Malformed(f"truncated: pixel data has {length} bytes, {expected} expected")
@@ -267,7 +268,7 @@ def same_content(stored: Path, received: Path) -> bool:
             return False  # same encoding, other bytes: other content
         pa = a.pixel_array if "PixelData" in a else None
         pb = b.pixel_array if "PixelData" in b else None
-        if (pa is None) != (pb is None) or (pa is not None and not np.array_equal(pa, pb)):
+        if (pa is None) != (pb is None) or (pa is not None and pb is not None and not np.array_equal(pa, pb)):
             return False
         for ds in (a, b):
             if "PixelData" in ds:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from pydicom.datadict import tag_for_keyword
+from pydicom.tag import Tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -71,7 +71,7 @@ def _first(ds: Dataset, *path: str) -> Any:
 
 #: top-level elements that :func:`_facts` reads from a classic (single-frame) data set
 _FACT_TAGS = tuple(
-    tag_for_keyword(k)
+    Tag(k)
     for k in (
         "SpecificCharacterSet", "ImageType", "Modality", "SeriesDescription", "ContributingEquipmentSequence",
         "ScanningSequence", "RepetitionTime", "EchoTime", "InversionTime", "ProtocolName",

@@ -23,7 +23,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import iter_pixels, pixel_array
+from pydicom.pixels import iter_pixels, pixel_array  # type: ignore[attr-defined]  # documented; no __all__
 
 __all__ = ["SeriesError", "SeriesVolume", "SourceSlice", "decode_frame", "load_series"]
 
@@ -67,7 +67,8 @@ class SeriesVolume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.pixels.shape)  # type: ignore[return-value]
+        nx, ny, nz = self.pixels.shape
+        return int(nx), int(ny), int(nz)
 
     def affine_lps(self) -> np.ndarray:
         """4x4 voxel (column, row, slice) -> DICOM patient LPS (mm)."""
@@ -80,7 +81,8 @@ class SeriesVolume:
 
     def affine_ras(self) -> np.ndarray:
         """4x4 voxel -> RAS+ (mm) for the array :meth:`nifti_order` (nibabel convention)."""
-        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ self.affine_lps()
+        ras: np.ndarray = np.diag([-1.0, -1.0, 1.0, 1.0]) @ self.affine_lps()
+        return ras
 
     def nifti_order(self) -> np.ndarray:
         """``pixels`` as (cols, rows, slices): i = column, j = row, k = slice (a view)."""
