@@ -220,6 +220,37 @@ def echo(config_path: Path, destination: str | None, timeout: float) -> None:
     sys.exit(1 if failed else 0)
 
 
+@cli.command()
+@config_option
+def migrate(config_path: Path) -> None:
+    """Create the ledger or bring its schema up to date (serve and worker also do it when they start)."""
+    from sqlalchemy.engine import make_url
+
+    from storage.db import LedgerError, make_engine
+    from storage.db import migrate as run_migrations
+
+    cfg = read_config(config_path)
+    shown = make_url(cfg.storage.ledger_url).render_as_string(hide_password=True)
+    try:
+        engine = make_engine(cfg.storage.ledger_url)
+    except Exception as exc:  # a malformed URL, a missing database driver
+        raise UsageFailure(f"ledger {shown}: {_one_line(exc)}") from None
+    try:
+        change = run_migrations(engine)
+    except LedgerError as exc:
+        raise UsageFailure(f"ledger {shown}: {exc}") from None
+    except Exception as exc:  # e.g. the database server cannot be reached
+        raise UsageFailure(f"ledger {shown}: {_one_line(exc)}") from None
+    finally:
+        engine.dispose()
+    if change.before is None:
+        click.echo(f"ledger {shown}: created (schema v{change.after})")
+    elif change.before == change.after:
+        click.echo(f"ledger {shown}: schema v{change.after}, up to date")
+    else:
+        click.echo(f"ledger {shown}: migrated from schema v{change.before} to v{change.after}")
+
+
 def _register_ml_commands() -> None:
     from dicom_node.cli_ml import COMMANDS
 

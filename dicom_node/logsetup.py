@@ -29,3 +29,5 @@ def configure(level: str = "INFO", *, keep_existing: bool = False) -> None:
     )
     # pynetdicom logs every PDU at INFO; keep its warnings and errors only
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # Alembic announces its set-up at INFO on every start; storage.db logs what was migrated
+    logging.getLogger("alembic").setLevel(logging.WARNING)

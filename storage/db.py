@@ -2,7 +2,8 @@
 
 This is the one place that knows about SQLite: WAL journal, busy timeout and
 foreign keys are set here.  Every other module uses portable SQLAlchemy so
-``ledger_url`` can point at PostgreSQL.
+``ledger_url`` can point at PostgreSQL.  The schema is migrated with Alembic
+(:mod:`storage.migrations`).
 
 Durability note: SQLite runs with ``synchronous=NORMAL`` in WAL mode.  A crash
 of the process never loses a committed transaction; a power loss can lose the
@@ -16,22 +17,23 @@ from __future__ import annotations
 import logging
 import sqlite3
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect, select
+from alembic import command as alembic_command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, delete, event, insert, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
 
-from storage.models import Base, Meta
+from storage.models import Meta
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-
-#: migrations[n] upgrades a ledger from version n to n + 1
-MIGRATIONS: dict[int, Callable[[Session], None]] = {}
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
 
 class LedgerError(RuntimeError):
@@ -118,20 +120,44 @@ def make_read_only_engine(url: str) -> Engine:
     return engine
 
 
+def _scripts() -> ScriptDirectory:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return ScriptDirectory.from_config(cfg)
+
+
+def schema_head() -> int:
+    """The schema version this dicomnode builds: its newest migration."""
+    return int(_scripts().get_current_head() or 0)
+
+
+def _version_of(conn: Connection, tables: set[str]) -> int | None:
+    """The ledger's schema version: its Alembic revision, or ``meta.schema_version`` of a ledger from before
+    Alembic (version 1); None for an empty database.  Refuses a ledger newer than this dicomnode."""
+    head = schema_head()
+    newer = f"is newer than this dicomnode understands (v{head}); upgrade dicomnode"
+    recorded: int | None = None
+    if "meta" in tables:
+        row = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
+        recorded = int(row) if row else 0
+        if recorded > head:
+            raise LedgerError(f"ledger schema v{recorded} {newer}")
+    if "alembic_version" in tables:
+        rev = MigrationContext.configure(conn).get_current_revision()
+        if rev is not None and rev not in {s.revision for s in _scripts().walk_revisions()}:
+            raise LedgerError(f"ledger schema {rev} {newer}")
+        return int(rev) if rev is not None else recorded
+    return recorded
+
+
 def check_schema(engine: Engine) -> tuple[int, set[str]]:
     """(schema version, table names) of an existing ledger, without changing it."""
-    insp = inspect(engine)
-    tables = set(insp.get_table_names())
+    tables = set(inspect(engine).get_table_names())
     if "meta" not in tables or "jobs" not in tables:
         raise LedgerError("not a dicomnode ledger (no meta/jobs tables)")
-    with Session(engine) as session:
-        row = session.scalar(select(Meta).where(Meta.key == "schema_version"))
-    version = int(row.value) if row else 0
-    if version > SCHEMA_VERSION:
-        raise LedgerError(
-            f"ledger schema v{version} is newer than this dicomnode understands (v{SCHEMA_VERSION}); upgrade dicomnode"
-        )
-    return version, tables
+    with engine.connect() as conn:
+        version = _version_of(conn, tables)
+    return version or 0, tables
 
 
 def checkpoint(engine: Engine) -> tuple[int, int] | None:
@@ -174,10 +200,20 @@ def _note_write_lock(engine: Engine) -> None:
         raw.close()
 
 
-def migrate(engine: Engine) -> int:
-    """Create or upgrade the schema; returns the version now in place.
+@dataclass(frozen=True)
+class SchemaChange:
+    """What :func:`migrate` did: the version before (None: a new ledger) and the version now in place."""
 
-    Raises :class:`LedgerError` when another process keeps the ledger write-locked past the busy timeout.
+    before: int | None
+    after: int
+
+
+def migrate(engine: Engine) -> SchemaChange:
+    """Create or upgrade the schema to :func:`schema_head`.
+
+    One transaction (SQLite: under the write lock; PostgreSQL: under an advisory lock), so processes that
+    start together migrate once.  Raises :class:`LedgerError` for a ledger newer than this dicomnode, or
+    when another process keeps the ledger write-locked past the busy timeout.
     """
     _note_write_lock(engine)
     try:
@@ -189,30 +225,31 @@ def migrate(engine: Engine) -> int:
                           "stopped or stuck, or a tool holding a transaction open?") from None
 
 
-def _migrate(engine: Engine) -> int:
-    insp = inspect(engine)
-    with Session(engine) as session, session.begin():
-        if not insp.has_table("meta"):
-            Base.metadata.create_all(session.connection())
-            session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-            log.info("ledger created (schema v%d)", SCHEMA_VERSION)
-            return SCHEMA_VERSION
-        row = session.scalar(select(Meta).where(Meta.key == "schema_version"))
-        version = int(row.value) if row else 0
-        if version > SCHEMA_VERSION:
-            raise LedgerError(
-                f"ledger schema v{version} is newer than this dicomnode understands (v{SCHEMA_VERSION}); upgrade dicomnode"
-            )
-        while version < SCHEMA_VERSION:
-            step = MIGRATIONS.get(version)
-            if step is None:
-                raise LedgerError(f"no migration from ledger schema v{version}")
-            step(session)
-            version += 1
-            log.info("ledger migrated to schema v%d", version)
-        Base.metadata.create_all(session.connection())  # tables added since (idempotent)
-        if row is None:
-            session.add(Meta(key="schema_version", value=str(version)))
+#: key of the PostgreSQL advisory lock that serialises migrations (any constant; "dcmnode" in ASCII)
+_PG_MIGRATION_LOCK = 0x64636D6E6F6465
+
+
+def _migrate(engine: Engine) -> SchemaChange:
+    head = schema_head()
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+        before = _version_of(conn, set(inspect(conn).get_table_names()))
+        adopting = before is not None and MigrationContext.configure(conn).get_current_revision() is None
+        if before == head and not adopting:
+            return SchemaChange(before, head)
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        cfg.attributes["connection"] = conn
+        alembic_command.upgrade(cfg, "head")
+        conn.execute(delete(Meta).where(Meta.key == "schema_version"))
+        conn.execute(insert(Meta).values(key="schema_version", value=str(head)))  # what older builds check
+        if before is None:
+            log.info("ledger created (schema v%d)", head)
+        elif adopting:
+            # a ledger from before migrations: v1, perhaps without the tables added late in v1 (the first
+            # revision creates only the tables it lacks)
+            log.info("ledger from before schema migrations (v%d) adopted; schema v%d", before, head)
         else:
-            row.value = str(version)
-        return version
+            log.info("ledger migrated from schema v%d to v%d", before, head)
+        return SchemaChange(before, head)

@@ -56,7 +56,7 @@ class LedgerBase:
         else:
             self.engine = make_engine(url, background_checkpoints=background_checkpoints, busy_timeout=busy_timeout)
             try:
-                self.schema_version = migrate(self.engine)
+                self.schema_version = migrate(self.engine).after
             except BaseException:
                 self.engine.dispose()
                 raise
