@@ -26,7 +26,7 @@ from pydicom.values import convert_UI
 
 from dicom_node import incoming, selection
 from storage.ledger import InstanceConflict, InstanceRecord, Ledger
-from storage.spool import Spool, SpoolFull, valid_uid
+from storage.spool import AlreadySpooled, Spool, SpoolFull, valid_uid
 from vocab.dimse import StoreStatus
 
 log = logging.getLogger(__name__)
@@ -325,19 +325,22 @@ class Intake:
             if prior is not None:
                 if prior.series_uid != series:
                     raise InstanceConflict(sop_instance_uid, prior.series_uid)
-                if same_content(self.spool.path(prior.path), tmp):
-                    os.unlink(tmp)  # an identical resend: nothing changes
-                    self.ledger.record_instance(self._record(prior.path, prior.transfer_syntax, study, series,
-                                                             sop_class_uid, sop_instance_uid, calling_aet, f,
-                                                             self.spool.path(prior.path).stat().st_size))
-                    return StoreResult(StoreStatus.SUCCESS, series_uid=series, duplicate=True, size_bytes=size)
-                if not self.overwrite_instances:
-                    return self._reject(StoreStatus.UID_WITH_OTHER_CONTENT,
-                                        f"SOP Instance UID already stored in series {series} with other content; "
-                                        "refused (storage.overwrite_instances = false)",
-                                        calling_aet, sop_class_uid, sop_instance_uid, tmp)
+                answer = self._resent(prior.path, prior.transfer_syntax, tmp, study, series, sop_class_uid,
+                                      sop_instance_uid, calling_aet, f, size)
+                if answer is not None:
+                    return answer
                 replaced = True
-            spooled = self.spool.commit(tmp, study, series, sop_instance_uid, size)
+            try:
+                spooled = self.spool.commit(tmp, study, series, sop_instance_uid, size, replace=replaced)
+            except AlreadySpooled:
+                # another association stored this UID between our look at the ledger and now
+                rel = self.spool.relpath_for(study, series, sop_instance_uid)
+                answer = self._resent(rel, None, tmp, study, series, sop_class_uid, sop_instance_uid, calling_aet,
+                                      f, size)
+                if answer is not None:
+                    return answer
+                replaced = True
+                spooled = self.spool.commit(tmp, study, series, sop_instance_uid, size)
             try:
                 outcome = self.ledger.record_instance(
                     self._record(spooled.relpath, transfer_syntax, study, series, sop_class_uid, sop_instance_uid,
@@ -364,6 +367,26 @@ class Intake:
         elif replaced:
             log.info("instance %s of series %s replaced with new content", sop_instance_uid, series)
         return StoreResult(StoreStatus.SUCCESS, series_uid=series, duplicate=outcome.duplicate, size_bytes=spooled.size)
+
+    def _resent(self, relpath: str, transfer_syntax: str | None, tmp: Path, study: str, series: str,
+                sop_class_uid: str, sop_instance_uid: str, calling_aet: str, f: dict[str, Any],
+                size: int) -> StoreResult | None:
+        """The answer to a resend of the instance stored at *relpath*: success, changing nothing, when it is
+        identical; a refusal when its content differs and overwriting is off; None: it replaces the stored one."""
+        stored = self.spool.path(relpath)
+        if same_content(stored, tmp):
+            os.unlink(tmp)  # an identical resend: nothing changes
+            if transfer_syntax is None:  # stored by a concurrent association: its encoding is the file's
+                transfer_syntax = str(dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+            self.ledger.record_instance(self._record(relpath, transfer_syntax, study, series, sop_class_uid,
+                                                     sop_instance_uid, calling_aet, f, stored.stat().st_size))
+            return StoreResult(StoreStatus.SUCCESS, series_uid=series, duplicate=True, size_bytes=size)
+        if not self.overwrite_instances:
+            return self._reject(StoreStatus.UID_WITH_OTHER_CONTENT,
+                                f"SOP Instance UID already stored in series {series} with other content; "
+                                "refused (storage.overwrite_instances = false)",
+                                calling_aet, sop_class_uid, sop_instance_uid, tmp)
+        return None
 
     @staticmethod
     def _record(relpath: str, transfer_syntax: str, study: str, series: str, sop_class_uid: str,

@@ -41,6 +41,27 @@ class SpoolFull(OSError):
     """The spool cannot take more data (disk full, below the free-space floor, unwritable)."""
 
 
+class AlreadySpooled(FileExistsError):
+    """Another file was stored under this SOP Instance UID meanwhile (see :meth:`Spool.commit`)."""
+
+
+def _place_new(tmp: Path, final: Path) -> None:
+    """Rename *tmp* to *final* unless *final* exists (then :class:`AlreadySpooled`), atomically: a hard link
+    fails on an existing name, in this process or any other."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise AlreadySpooled(errno.EEXIST, "already spooled", str(final)) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        if final.exists():  # a file system without hard links: checked, then renamed (not atomic)
+            raise AlreadySpooled(errno.EEXIST, "already spooled", str(final)) from None
+        os.replace(tmp, final)
+        return
+    os.unlink(tmp)
+
+
 def valid_uid(uid: object) -> bool:
     """True for a DICOM UID that is safe to use as a path component."""
     return isinstance(uid, str) and 0 < len(uid) <= 64 and bool(_UID_RE.match(uid))
@@ -115,12 +136,15 @@ class Spool:
         finally:
             os.close(fd)
 
-    def commit(self, tmp: Path, study_uid: str, series_uid: str, sop_uid: str, size: int | None = None) -> SpooledFile:
+    def commit(self, tmp: Path, study_uid: str, series_uid: str, sop_uid: str, size: int | None = None, *,
+               replace: bool = True) -> SpooledFile:
         """Make *tmp* durable under its final name (fsync, rename, fsync folder).
 
         *tmp* must be on the spool's file system (``self.incoming``); *size*,
-        when the caller knows it, saves a stat.  A file
-        already stored under the same SOP Instance UID is replaced atomically.
+        when the caller knows it, saves a stat.  A file already stored under
+        the same SOP Instance UID is replaced atomically; with *replace* false
+        it is kept and :class:`AlreadySpooled` raised instead (*tmp* stays),
+        so that two senders of one UID cannot silently replace each other.
         Raises :class:`SpoolFull` for resource problems.
         """
         rel = self.relpath_for(study_uid, series_uid, sop_uid)
@@ -141,7 +165,10 @@ class Spool:
                 for d in new_dirs:  # make the new folder entries durable too
                     fsync_dir(d.parent)
                 self._known_dirs.add(folder)
-            os.replace(tmp, final)
+            if replace:
+                os.replace(tmp, final)
+            else:
+                _place_new(tmp, final)
             fsync_dir(folder)
         except SpoolFull:
             raise

@@ -205,3 +205,58 @@ def test_enhanced_mr_functional_groups_larger_than_the_deferral_limit_are_read(t
     f = selection.facts(header)
     assert (f["frames"], f["iop"], f["spacing"]) == (frames, [1, 0, 0, 0, 1, 0], [0.9, 0.9])
     validate(header, path.stat().st_size, ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian, f)
+
+
+def _arrived(spool: Spool, ds: Dataset, name: str) -> Path:
+    """*ds* as pynetdicom leaves a received data set: a file in the spool's incoming folder."""
+    path = spool.incoming / name
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["refuse", "overwrite"])
+def test_two_associations_storing_one_uid_with_different_content_at_once_keep_one_content(
+        tmp_path: Path, overwrite: bool) -> None:
+    import threading
+
+    import numpy as np
+
+    from dicom_node.intake import Intake
+    from storage.ledger import Ledger
+    from vocab.dimse import StoreStatus
+
+    spool = Spool(tmp_path / "spool")
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    intake = Intake(spool, ledger, overwrite_instances=overwrite)
+    series = make_series(SeriesSpec(slices=12))
+    try:
+        for ds in series:  # one race per instance: two senders, same UID, other pixels
+            other = copy.deepcopy(ds)
+            arr = other.pixel_array.copy()
+            arr[:8, :8] = 4000
+            other.PixelData = arr.tobytes()
+            files = [_arrived(spool, x, f"{ds.SOPInstanceUID}-{i}.dcm") for i, x in enumerate((ds, other))]
+            gate = threading.Barrier(2)
+            results: dict[int, StoreStatus] = {}
+
+            def send(i: int) -> None:
+                gate.wait()
+                results[i] = intake.store(files[i], calling_aet="A", sop_class_uid=str(ds.SOPClassUID),
+                                          sop_instance_uid=str(ds.SOPInstanceUID),
+                                          transfer_syntax=str(ds.file_meta.TransferSyntaxUID)).status
+
+            threads = [threading.Thread(target=send, args=(i,)) for i in (0, 1)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            kept = dcmread(spool.path(ledger.stored_instance(str(ds.SOPInstanceUID)).path)).pixel_array
+            if overwrite:  # both accepted, one after the other: what is kept is one of the two, whole
+                assert list(results.values()) == [StoreStatus.SUCCESS] * 2
+            else:  # the first is kept; the second is refused, not silently put in its place
+                assert sorted(results.values()) == [StoreStatus.SUCCESS, StoreStatus.UID_WITH_OTHER_CONTENT]
+                winner = next(i for i, s in results.items() if s is StoreStatus.SUCCESS)
+                assert np.array_equal(kept, (ds, other)[winner].pixel_array)
+            assert any(np.array_equal(kept, x.pixel_array) for x in (ds, other))
+    finally:
+        ledger.close()
