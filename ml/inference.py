@@ -34,7 +34,7 @@ from .networks import Architecture, NetworkOptions, OptionError, build_network, 
 if TYPE_CHECKING:
     from .qc import QCResult
 
-__all__ = ["DIRECTIONS", "assess", "LoadedModel", "WEIGHTS_DIR", "default_checkpoint", "load_model", "predict_normalized", "write_onnx",
+__all__ = ["DIRECTIONS", "Assessment", "assess", "assess_detail", "LoadedModel", "WEIGHTS_DIR", "default_checkpoint", "load_model", "predict_normalized", "write_onnx",
            "resolve_device", "synthesize"]
 
 log = logging.getLogger(__name__)
@@ -261,12 +261,30 @@ def _predict_stacks(model: LoadedModel, stacks: np.ndarray, batch_size: int) -> 
     return out
 
 
+@dataclass(frozen=True)
+class Assessment:
+    """:func:`assess_detail`: the QC result and the predictions it was measured on (canonical axes): the
+    normalized prediction of the sampled axial *slices* (X, Y, len(slices)), zero outside the dilated head mask as
+    :func:`synthesize` makes it, and the canonical head mask."""
+
+    result: "QCResult"
+    slices: list[int]
+    prediction: np.ndarray
+    mask: np.ndarray
+
+
 def assess(model: LoadedModel, data: np.ndarray, affine: np.ndarray, *, batch_size: int = 16,
            every: int = 4) -> "QCResult":
     """Quality control of synthesizing *data* with *model*: the input against the checkpoint's
     training reference (``qc_reference``; skipped when the checkpoint has none) and the
     left-right flip disagreement on every *every*-th slice (both predictions of those slices:
     about ``2 / every`` of the inference cost, 50 % with the default).  Verdict thresholds: :mod:`ml.qc`."""
+    return assess_detail(model, data, affine, batch_size=batch_size, every=every).result
+
+
+def assess_detail(model: LoadedModel, data: np.ndarray, affine: np.ndarray, *, batch_size: int = 16,
+                  every: int = 4) -> Assessment:
+    """:func:`assess` with the sampled predictions it measured (for calibrating the QC against the real error)."""
     from .qc import Check, Verdict, check_input, flip_disagreement, summarize
 
     arr = np.asarray(data, dtype=np.float32)
@@ -279,6 +297,7 @@ def assess(model: LoadedModel, data: np.ndarray, affine: np.ndarray, *, batch_si
     if reference:
         checks += check_input((normed, mask, canon_aff, aff), reference)
     ks = [int(k) for k in range(0, normed.shape[2], max(1, every)) if mask[:, :, k].any()]
+    pred = np.zeros(normed.shape[:2] + (0,), dtype=np.float32)
     if ks:
         stacks = np.stack([slice_stack(normed, k, model.options.context_slices) for k in ks])  # (N, C, X, Y)
         pred = _predict_stacks(model, stacks, batch_size)
@@ -290,4 +309,5 @@ def assess(model: LoadedModel, data: np.ndarray, affine: np.ndarray, *, batch_si
         checks.append(Check("flip_disagreement", value, f"warn > {warn}, fail > {fail}", verdict,
                             "" if verdict is Verdict.PASS else
                             f"unstable prediction (mirrored input changes it by {100 * value:.0f} %)"))
-    return summarize(checks)
+        pred = np.where(ndimage.binary_dilation(mask, iterations=2)[:, :, ks], pred, 0.0).astype(np.float32)
+    return Assessment(summarize(checks), ks, pred, mask)

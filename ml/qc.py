@@ -5,9 +5,10 @@ Each check has a name, a value, a threshold and a verdict (``pass``, ``warn``, `
 summary verdict is the worst of them, with the reasons of every check that did not pass.
 
 * **Input against the training distribution** (:func:`input_reference` at training time, stored
-  in the checkpoint metadata as ``qc_reference``; :func:`check_input` at inference): the
-  histogram of the network input inside the head mask (the harmonised intensities the network
-  sees), the head-mask volume fraction, the in-plane voxel size, the slice thickness, the in-plane
+  in the checkpoint metadata as ``qc_reference``; ``python -m ml.reference`` recomputes it for a
+  checkpoint from its training subjects; :func:`check_input` at inference): the histogram of the
+  network input inside the head mask (the harmonised intensities the network sees) against the
+  nearest training volume's, the head-mask volume fraction, the in-plane voxel size, the slice thickness, the in-plane
   size and the slice orientation.
 * **Prediction stability** (:func:`flip_disagreement`): the prediction on the left-right mirrored
   input, mirrored back, compared with the prediction (test-time augmentation); a brain is nearly
@@ -101,17 +102,31 @@ Volume = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 axes, axis 2 axial) and the affine of the array as acquired (its third axis is the slice direction)."""
 
 
+def _nearest(hist: np.ndarray, others: Sequence[np.ndarray]) -> float:
+    return min(_w1(hist, o) for o in others)
+
+
 def input_reference(volumes: Sequence[Volume]) -> dict[str, Any]:
-    """Compact reference of the training inputs."""
+    """Compact reference of the training inputs.
+
+    Besides the mean histogram it keeps every training volume's histogram (``histograms``, BINS numbers each) and
+    ``histogram_nn_max``: how far the most isolated training volume lies from its nearest other training volume.
+    The training inputs are a mixture (whole-head scans, whose brightest tissue is scalp fat, and skull-stripped
+    ones, whose brightest tissue is white matter), so a distance to their mean says little; a distance to the
+    nearest training volume says whether a scan like this one was seen."""
     if not volumes:
         raise ValueError("input_reference: no training volumes")
     facts = [_facts(*v) for v in volumes]
-    mean = np.mean([f["histogram"] for f in facts], axis=0)
-    spread = max(_w1(f["histogram"], mean) for f in facts)
+    hists = [f["histogram"] for f in facts]
+    mean = np.mean(hists, axis=0)
+    spread = max(_w1(h, mean) for h in hists)
+    nn_max = max((_nearest(h, hists[:i] + hists[i + 1:]) for i, h in enumerate(hists)), default=0.0) \
+        if len(hists) > 1 else 0.0
     def rng(key: str) -> list[float]:
         return [float(min(f[key] for f in facts)), float(max(f[key] for f in facts))]
     return {"histogram": [float(x) for x in mean], "histogram_range": list(HIST_RANGE),
-            "histogram_w1_max": float(spread), "mask_fraction": rng("mask_fraction"),
+            "histogram_w1_max": float(spread), "histograms": [[round(float(x), 6) for x in h] for h in hists],
+            "histogram_nn_max": float(nn_max), "mask_fraction": rng("mask_fraction"),
             "in_plane_mm": rng("in_plane_mm"), "thickness_mm": rng("thickness_mm"),
             "in_plane_size": rng("in_plane_size"), "axial_angle_max": float(max(f["axial_angle"] for f in facts)),
             "n_volumes": len(facts)}
@@ -125,17 +140,37 @@ def _range_check(name: str, value: float, bounds: Sequence[float], slack: float,
                  "" if ok else f"{what} {value:.3g}{unit} outside the training range {lo:.3g}-{hi:.3g}{unit}")
 
 
+HISTOGRAM_FLOOR = 0.03
+"""Smallest histogram distance ever judged unusual (input units): a reference of near-identical training volumes
+would otherwise flag every scan."""
+HISTOGRAM_FAIL_FACTOR = 3.0
+
+
+def _histogram_check(hist: np.ndarray, reference: Mapping[str, Any]) -> Check:
+    """Distance of the input's histogram to the nearest training volume's (``histograms`` in the reference), warned
+    beyond the largest such distance among the training volumes themselves (leave one out), failed beyond
+    HISTOGRAM_FAIL_FACTOR times that.  An older reference without per-volume histograms is compared by its mean
+    histogram and mean-distance spread."""
+    if reference.get("histograms"):
+        others = [np.asarray(h, dtype=np.float64) for h in reference["histograms"]]
+        value, what = _nearest(hist, others), "nearest training scan"
+        warn = max(float(reference.get("histogram_nn_max", 0.0)), HISTOGRAM_FLOOR)
+        fail = HISTOGRAM_FAIL_FACTOR * warn
+    else:
+        value, what = _w1(hist, np.asarray(reference["histogram"], dtype=np.float64)), "training mean"
+        base = max(float(reference["histogram_w1_max"]), 0.05)
+        warn, fail = 1.5 * base, 3.0 * base
+    verdict = Verdict.FAIL if value > fail else Verdict.WARN if value > warn else Verdict.PASS
+    return Check("intensity_histogram", value, f"warn > {warn:.3g}, fail > {fail:.3g}", verdict,
+                 "" if verdict is Verdict.PASS else
+                 f"input intensities unlike the training data (histogram distance {value:.3g} to the {what}, "
+                 f"training at most {warn:.3g})")
+
+
 def check_input(volume: Volume, reference: Mapping[str, Any]) -> list[Check]:
     """Compare one input with the training reference."""
     f = _facts(*volume)
-    ref_hist = np.asarray(reference["histogram"], dtype=np.float64)
-    w1 = _w1(f["histogram"], ref_hist)
-    base = max(float(reference["histogram_w1_max"]), 0.05)
-    warn, fail = 1.5 * base, 3.0 * base
-    verdict = Verdict.FAIL if w1 > fail else Verdict.WARN if w1 > warn else Verdict.PASS
-    checks = [Check("intensity_histogram", w1, f"warn > {warn:.3g}, fail > {fail:.3g}", verdict,
-                    "" if verdict is Verdict.PASS else
-                    f"input intensities unlike the training data (histogram distance {w1:.3g}, training at most {base:.3g})")]
+    checks = [_histogram_check(f["histogram"], reference)]
     checks.append(_range_check("head_fraction", f["mask_fraction"], reference["mask_fraction"], 1.5,
                                "head mask fraction", ""))
     checks.append(_range_check("in_plane_voxel", f["in_plane_mm"], reference["in_plane_mm"], 1.5, "in-plane voxel",

@@ -1,0 +1,103 @@
+"""Recompute a checkpoint's QC training reference (``qc_reference`` in its metadata) from the subjects it was
+trained on, exactly as training computes it, and store it in the checkpoint's JSON; the weights are not touched,
+so their digest (``weights_sha256``, and the one the ONNX file records) stays valid.
+
+Usage: ``python -m ml.reference [CHECKPOINT ...] [--data DIR] [--check]``
+
+Without a checkpoint, the shipped U-Nets (``ml/weights/unet-*.json``).  ``--data`` defaults to the training data
+folder recorded in the metadata (``training.data``, relative to the repository root).  ``--check`` only reports
+whether the stored reference equals the recomputed one (exit code 1 when not).
+
+Checkpoints trained before the reference existed (the shipped v2.0 U-Nets) get one this way, so the node's input
+check is not skipped for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from vocab import Direction
+
+from .checkpoint import checkpoint_paths
+from .data import DataError, head_mask, load_subject, parse_input_norm
+from .inference import WEIGHTS_DIR
+from .qc import input_reference
+
+__all__ = ["training_reference", "main"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def training_reference(meta: dict[str, Any], data: Path) -> dict[str, Any]:
+    """The ``qc_reference`` training would have stored for the U-Net described by *meta*: the network inputs of its
+    training subjects (``training.train_subjects`` under *data*), normalised as its ``input_normalization`` says,
+    each inside the head mask of its source contrast (``ml.train._train_unet``)."""
+    direction = Direction(str(meta.get("direction", "")))
+    source = direction.source.value
+    method = parse_input_norm((meta.get("input_normalization") or {}).get("method"))
+    names = list((meta.get("training") or {}).get("train_subjects") or [])
+    if not names:
+        raise DataError("metadata lists no training subjects (training.train_subjects)")
+    volumes = []
+    for name in names:
+        s = load_subject(data / name)
+        volumes.append((s.input_image(source, method), head_mask(s.image(source)), s.affine, s.affine))
+    return input_reference(volumes)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
+    return bool(a == b)
+
+
+def _write_json(path: Path, meta: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")  # the layout save_checkpoint writes
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ml.reference", description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoints", nargs="*", type=Path)
+    ap.add_argument("--data", type=Path, default=None, help="training data folder (default: the metadata's)")
+    ap.add_argument("--check", action="store_true", help="only compare the stored reference with a recomputed one")
+    args = ap.parse_args(argv)
+    targets = args.checkpoints or sorted(WEIGHTS_DIR.glob("unet-*.json"))
+    stale = 0
+    for target in targets:
+        _, mpath = checkpoint_paths(target)
+        meta = json.loads(mpath.read_text())
+        data = args.data or (REPO_ROOT / str((meta.get("training") or {}).get("data", "")))
+        try:
+            reference = training_reference(meta, data)
+        except (DataError, ValueError) as exc:
+            print(f"{mpath}: {exc}", file=sys.stderr)
+            return 2
+        if args.check:
+            ok = _same(meta.get("qc_reference"), json.loads(json.dumps(reference)))
+            stale += not ok
+            print(f"{mpath}: qc_reference {'up to date' if ok else 'differs from the recomputed one'}")
+            continue
+        meta["qc_reference"] = reference
+        _write_json(mpath, meta)
+        print(f"{mpath}: qc_reference from {reference['n_volumes']} training volumes "
+              f"(histogram nearest-neighbour distance at most {reference['histogram_nn_max']:.3g})")
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
