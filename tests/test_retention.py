@@ -1,0 +1,151 @@
+"""Retention: only settled series lose files, oldest first; a dry run changes nothing; a kill mid-prune is finished.
+
+Real spool files and a real ledger; ``dicomnode prune`` runs as a real process.
+Ages are set in the ledger's timestamps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from nodeproc import DICOMNODE
+from settled import Store
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file under *root* with a digest of its content (the ledger's database file among them)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name not in ("ledger.db-shm", ".lock"):
+            out[str(p.relative_to(root))] = hashlib.blake2b(p.read_bytes(), digest_size=8).hexdigest()
+    return out
+
+
+def used_percent(path: Path) -> float:
+    u = shutil.disk_usage(path)
+    return 100 * u.used / (u.used + u.free)
+
+
+def test_only_series_whose_every_job_is_done_or_superseded_lose_files_past_their_age(tmp_path: Path) -> None:
+    st = Store(tmp_path, spool_days=7, output_days=7, ledger_days=90, high_water_percent=0)
+    done_old = st.series(["done"], age_days=10)
+    superseded_old = st.series(["superseded", "done"], age_days=10)
+    not_selected_old = st.series([], selected=False, age_days=10)
+    done_recent = st.series(["done"], age_days=3)
+    kept = {
+        "failed": st.series(["failed"], age_days=30),
+        "done + failed": st.series(["done", "failed"], age_days=30),
+        "queued": st.series(["queued"], age_days=30),
+        "running": st.series(["running"], age_days=30),
+        "delivering (retrying)": st.series(["delivering"], age_days=30),
+        "held (a state retention does not know)": st.series(["held"], age_days=30),
+        "done + held": st.series(["done", "held"], age_days=30),
+        "receiving": st.series([], receiving=True, age_days=30),
+    }
+    out = st.prune().stdout
+    assert "spool: removed 3 series (12 instances" in out and "output: removed 2 series (12 files" in out, out
+    for m in (done_old, superseded_old, not_selected_old):
+        assert st.spool_pruned(m) and st.outputs_pruned(m)
+        assert st.series_row(m), "ledger rows are kept longer than files"
+    assert st.intact(done_recent)
+    for why, m in kept.items():
+        assert st.intact(m), why
+    assert st.rows("SELECT instances FROM series WHERE id=?", done_old.series_id) == [(0,)]
+    again = st.prune().stdout
+    assert "spool: removed 0 series" in again and "output: removed 0 series" in again
+
+
+def test_spool_and_outputs_have_their_own_ages_and_ledger_rows_go_last(tmp_path: Path) -> None:
+    st = Store(tmp_path, spool_days=5, output_days=20, ledger_days=60, high_water_percent=0)
+    m10, m30, m100 = st.series(["done"], age_days=10), st.series(["done"], age_days=30), st.series(["done"], age_days=100)
+    out = st.prune().stdout
+    assert "spool: removed 3 series" in out and "output: removed 2 series" in out
+    assert "ledger: removed the rows of 1 series" in out
+    assert st.spool_pruned(m10) and not st.outputs_pruned(m10) and st.series_row(m10)
+    assert st.spool_pruned(m30) and st.outputs_pruned(m30) and st.series_row(m30)
+    assert not st.series_row(m100) and not any(d.exists() for d in m100.output_dirs)
+    assert st.rows("SELECT count(*) FROM jobs WHERE series_id=?", m100.series_id) == [(0,)]
+    assert st.rows("SELECT count(*) FROM prunes WHERE series_id=?", m100.series_id) == [(0,)]
+
+
+def test_dry_run_changes_nothing_and_reports_what_prune_then_removes(tmp_path: Path) -> None:
+    st = Store(tmp_path, spool_days=7, output_days=7, ledger_days=60, high_water_percent=0)
+    for age in (3, 10, 12, 100):
+        st.series(["done"], age_days=age)
+    st.series(["failed"], age_days=100)
+    st.close()
+    before = tree(tmp_path / "var")
+    dry = st.prune("--dry-run").stdout
+    assert tree(tmp_path / "var") == before, "a dry run changed files or the ledger"
+    real = st.prune().stdout
+    assert "would remove" in dry and "removed 3 series" in real
+    strip = lambda text: [l.replace("would remove", "removed") for l in text.splitlines() if not l.startswith("disk:")]
+    assert strip(dry) == strip(real)
+
+
+def test_the_disk_high_water_mark_prunes_the_oldest_settled_series_first_until_below(tmp_path: Path) -> None:
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(fs)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root): the high-water mark needs a disk of known size")
+    try:
+        # the ledger elsewhere: only files count on this disk
+        st = Store(fs / "node", storage={"ledger_url": f"sqlite:///{tmp_path / 'ledger.db'}"}, spool_days=365,
+                   output_days=365, ledger_days=365, high_water_percent=50)
+        # 8 series of 4 x 32 KB instances (+ outputs, as much): 2 MB of the 3 MB disk
+        made = [st.series(["done"], age_days=40 - i, slices=4, size=128) for i in range(7)]
+        unfinished = st.series(["failed"], age_days=100, slices=4, size=128)
+        used = lambda: used_percent(fs)
+        assert used() > 60, used()
+        st.close()
+        before = tree(tmp_path)
+        dry = st.prune("--dry-run").stdout
+        assert tree(tmp_path) == before, "a dry run changed files or the ledger"
+        out = st.prune().stdout
+        assert used() <= 50, (used(), out)
+        pruned = [st.spool_pruned(m) and st.outputs_pruned(m) for m in made]
+        k = sum(pruned)
+        assert 0 < k < len(made) and pruned == [True] * k + [False] * (len(made) - k), pruned  # oldest first
+        assert all(st.intact(m) for m in made[k:]) and st.intact(unfinished)
+        assert f"spool: removed {k} series" in out and "[disk " in out, out
+        assert f"spool: would remove {k} series" in dry, dry
+    finally:
+        subprocess.run(["umount", "-l", str(fs)], check=False)
+
+
+def test_a_prune_killed_mid_way_leaves_no_dangling_rows_and_the_next_prune_finishes_it(tmp_path: Path) -> None:
+    st = Store(tmp_path, spool_days=1, output_days=1, ledger_days=90, high_water_percent=0)
+    made = [st.series(["done"], age_days=5, slices=6, quick=True) for _ in range(150)]
+    st.close()
+    proc = subprocess.Popen([*DICOMNODE, "prune", "--config", str(st.config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        n = st.rows("SELECT count(*) FROM prunes")[0][0] if (tmp_path / "var" / "ledger.db").exists() else 0
+        if n >= 40:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "prune finished before it could be killed mid-way; give it more series"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # whatever the moment: no instance row points at a file that is gone, unless its removal is recorded as begun
+    begun = {sid for (sid,) in st.rows("SELECT series_id FROM prunes WHERE finished_at IS NULL")}
+    for m in made:
+        rows = st.rows("SELECT path FROM instances WHERE series_id=?", m.series_id)
+        missing = [p for (p,) in rows if not (st.cfg.spool_dir / p).exists()]
+        assert not missing or m.series_id in begun
+    states = [(st.spool_pruned(m), st.intact(m)) for m in made]
+    assert any(p for p, _ in states) and any(i for _, i in states), "the kill was not mid-way"
+    st.prune()
+    for m in made:
+        assert st.spool_pruned(m) and st.outputs_pruned(m), m
+    assert st.rows("SELECT count(*) FROM prunes WHERE finished_at IS NULL") == [(0,)]
+    assert not [p for p in (st.cfg.spool_dir).iterdir() if not p.name.startswith(".")], "half-deleted folders left"
