@@ -16,8 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from nodeproc import DICOMNODE
+from datetime import timedelta
+
+from dicomgen import SeriesSpec, make_series
+from nodeproc import DICOMNODE, NodeProcess, ledger_rows, pynetdicom_send, spooled
 from settled import Store
+from storage.ledger import utcnow
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -123,14 +127,14 @@ def test_the_disk_high_water_mark_prunes_the_oldest_settled_series_first_until_b
 
 def test_a_prune_killed_mid_way_leaves_no_dangling_rows_and_the_next_prune_finishes_it(tmp_path: Path) -> None:
     st = Store(tmp_path, spool_days=1, output_days=1, ledger_days=90, high_water_percent=0)
-    made = [st.series(["done"], age_days=5, slices=6, quick=True) for _ in range(150)]
+    made = [st.series(["done"], age_days=5, slices=4, quick=True) for _ in range(100)]
     st.close()
     proc = subprocess.Popen([*DICOMNODE, "prune", "--config", str(st.config)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, cwd=tmp_path)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
         n = st.rows("SELECT count(*) FROM prunes")[0][0] if (tmp_path / "var" / "ledger.db").exists() else 0
-        if n >= 40:
+        if n >= 20:
             break
         time.sleep(0.005)
     assert proc.poll() is None, "prune finished before it could be killed mid-way; give it more series"
@@ -144,8 +148,86 @@ def test_a_prune_killed_mid_way_leaves_no_dangling_rows_and_the_next_prune_finis
         assert not missing or m.series_id in begun
     states = [(st.spool_pruned(m), st.intact(m)) for m in made]
     assert any(p for p, _ in states) and any(i for _, i in states), "the kill was not mid-way"
+    # serve's start finishes what was begun (and, with interval_minutes = 0, prunes nothing else)
+    with NodeProcess(tmp_path, retention={"spool_days": 1, "output_days": 1, "interval_minutes": 0}):
+        pass
+    assert st.rows("SELECT count(*) FROM prunes WHERE finished_at IS NULL") == [(0,)]
+    for m in made:
+        assert st.intact(m) or (st.spool_pruned(m) and st.outputs_pruned(m)) or (
+            st.spool_pruned(m) and not st.rows("SELECT 1 FROM prunes WHERE series_id=? AND what='output'",
+                                               m.series_id)), "a half-deleted series"
     st.prune()
     for m in made:
         assert st.spool_pruned(m) and st.outputs_pruned(m), m
     assert st.rows("SELECT count(*) FROM prunes WHERE finished_at IS NULL") == [(0,)]
     assert not [p for p in (st.cfg.spool_dir).iterdir() if not p.name.startswith(".")], "half-deleted folders left"
+
+
+def _settle_jobs(node: NodeProcess, days_ago: float) -> None:
+    """Every job of the node done (delivered), and everything of it *days_ago* old."""
+    import sqlite3
+
+    then = (utcnow() - timedelta(days=days_ago)).isoformat(sep=" ")
+    con = sqlite3.connect(node.storage / "ledger.db", timeout=30)
+    try:
+        con.execute("UPDATE jobs SET state='done' WHERE state='queued'")
+        con.execute("UPDATE jobs SET finished_at=?, created_at=?", (then, then))
+        con.execute("UPDATE series SET completed_at=?, last_received_at=? WHERE state!='receiving'", (then, then))
+        con.commit()
+    finally:
+        con.close()
+
+
+def _series_row(node: NodeProcess, uid: str) -> tuple[int, str, int, int]:
+    rows = ledger_rows(node, f"SELECT generation, state, instances, (SELECT count(*) FROM instances i WHERE "
+                             f"i.series_id=s.id) FROM series s WHERE series_uid='{uid}'")
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def test_a_series_resent_after_pruning_is_received_and_processed_as_new(tmp_path: Path) -> None:
+    datasets = make_series(SeriesSpec(slices=5, rows=16, cols=16))
+    uid = str(datasets[0].SeriesInstanceUID)
+    with NodeProcess(tmp_path, retention={"spool_days": 1, "output_days": 1, "ledger_days": 2,
+                                          "interval_minutes": 0}) as node:
+        selected = lambda gen: lambda st: any(s["series_uid"] == uid and s["state"] == "selected"
+                                              and s["generation"] == gen for s in st["series"])
+        assert pynetdicom_send(node.port, datasets) == [0] * 5
+        node.wait_for(selected(1), what="series selected")
+        _settle_jobs(node, days_ago=1.5)  # files past their age, ledger rows not yet
+        assert "spool: removed 1 series (5 instances" in node.cli("prune").stdout
+        assert not spooled(node, datasets[0]).parent.exists() and _series_row(node, uid) == (1, "selected", 0, 0)
+
+        # the same series again, to the same running node: stored, counted and processed as new
+        assert pynetdicom_send(node.port, datasets) == [0] * 5
+        node.wait_for(selected(2), what="series selected again")
+        assert _series_row(node, uid) == (2, "selected", 5, 5) and all(spooled(node, ds).exists() for ds in datasets)
+        assert [j["state"] for j in node.status()["jobs"]] == ["queued", "done"]
+
+        _settle_jobs(node, days_ago=10)  # now past the ledger's age too: files and rows go
+        out = node.cli("prune").stdout
+        assert "spool: removed 1 series" in out and "ledger: removed the rows of 1 series" in out, out
+        assert ledger_rows(node, "SELECT count(*) FROM series") == [(0,)]
+        assert ledger_rows(node, "SELECT count(*) FROM jobs") == [(0,)]
+
+        assert pynetdicom_send(node.port, datasets) == [0] * 5
+        node.wait_for(selected(1), what="series selected as a new one")
+        assert _series_row(node, uid) == (1, "selected", 5, 5)
+        assert [j["state"] for j in node.status()["jobs"]] == ["queued"]
+
+
+def test_serve_prunes_periodically_and_logs_what_it_removed(tmp_path: Path) -> None:
+    datasets = make_series(SeriesSpec(slices=4, rows=16, cols=16))
+    keep = make_series(SeriesSpec(slices=4, rows=16, cols=16))
+    with NodeProcess(tmp_path, retention={"spool_days": 1, "output_days": 1, "interval_minutes": 0.02}) as node:
+        assert pynetdicom_send(node.port, datasets) == [0] * 4
+        node.wait_for(lambda st: any(s["state"] == "selected" for s in st["series"]), what="series selected")
+        _settle_jobs(node, days_ago=3)
+        assert pynetdicom_send(node.port, keep) == [0] * 4  # receiving while the first goes: kept
+        deadline = time.monotonic() + 30
+        while spooled(node, datasets[0]).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not spooled(node, datasets[0]).exists(), node.log()[-3000:]
+        assert all(spooled(node, ds).exists() for ds in keep)
+        assert "retention: spool: removed 1 series (4 instances" in node.log()
+        assert "1.2.826" not in "".join(l for l in node.log().splitlines() if "retention:" in l), "UIDs logged"
