@@ -61,8 +61,9 @@ class Store:
                 ds.save_as(buf, enforce_file_format=True)
                 self._template = (buf.getvalue(), selection.facts(ds))
             data, facts = self._template
-            study, uid = generate_uid(), generate_uid()
-            uids = [(generate_uid(), data, facts) for _ in range(slices)]
+            study, uid = str(generate_uid()), str(generate_uid())
+            uids: list[tuple[str, bytes, dict[str, Any]]] = [(str(generate_uid()), data, facts)
+                                                              for _ in range(slices)]
         else:
             datasets = make_series(SeriesSpec(slices=slices, rows=size, cols=size))
             study, uid = str(datasets[0].StudyInstanceUID), str(datasets[0].SeriesInstanceUID)
@@ -108,8 +109,8 @@ class Store:
             for jid, state in zip(job_ids, job_states):
                 d = self.cfg.output_dir / f"job-{jid}"
                 d.mkdir(parents=True, exist_ok=True)
-                for f in files:
-                    (d / f.name).write_bytes(f.read_bytes())
+                for src in files:
+                    (d / src.name).write_bytes(src.read_bytes())
                 outputs.append(d)
                 con.execute("UPDATE jobs SET state=?, finished_at=?, created_at=?, output_dir=?, output_instances=? "
                             "WHERE id=?", (state, then, then, str(d), len(files), jid))

@@ -231,3 +231,71 @@ def test_serve_prunes_periodically_and_logs_what_it_removed(tmp_path: Path) -> N
         assert all(spooled(node, ds).exists() for ds in keep)
         assert "retention: spool: removed 1 series (4 instances" in node.log()
         assert "1.2.826" not in "".join(l for l in node.log().splitlines() if "retention:" in l), "UIDs logged"
+
+
+def test_a_removal_begun_and_cut_short_is_finished_by_the_next_prune(tmp_path: Path) -> None:
+    st = Store(tmp_path, spool_days=1, output_days=30, ledger_days=90, high_water_percent=0)
+    m = st.series(["done"], age_days=5, slices=6)
+    # what a crash between deleting the files and closing the record leaves: a begun record, half the files gone
+    ticket = st.ledger.begin_prune(m.series_id, 1, "spool", "age")
+    assert ticket is not None and len(ticket.paths) == 6
+    for f in m.spool_files[:3]:
+        f.unlink()
+    st.close()
+    assert "interrupted: finished 1 removal(s)" in st.prune().stdout
+    assert st.spool_pruned(m) and st.rows("SELECT files FROM prunes WHERE series_id=?", m.series_id) == [(6,)]
+
+
+def test_a_series_received_again_during_a_cut_short_removal_keeps_what_is_still_there(tmp_path: Path) -> None:
+    from pydicom.uid import generate_uid
+
+    from dicom_node import selection
+    from storage.ledger import InstanceRecord
+
+    st = Store(tmp_path, spool_days=1, output_days=30, ledger_days=90, high_water_percent=0)
+    m = st.series(["done"], age_days=5, slices=6)
+    assert st.ledger.begin_prune(m.series_id, 1, "spool", "age") is not None
+    m.spool_files[0].unlink()  # cut short after one file
+    # then a new instance of the series arrives (as serve stores it): the series reopens as generation 2
+    import pydicom
+
+    ds = pydicom.dcmread(m.spool_files[1])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    f = st.spool.write_bytes(_encoded(ds), ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    out = st.ledger.record_instance(InstanceRecord.of(
+        sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID, study_uid=ds.StudyInstanceUID,
+        series_uid=ds.SeriesInstanceUID, transfer_syntax=str(ds.file_meta.TransferSyntaxUID), path=f.relpath,
+        size_bytes=f.size, calling_aet="PYNETDICOM", facts=selection.facts(ds)))
+    assert out.reopened and out.generation == 2
+    st.close()
+    st.prune()
+    left = {p for (p,) in st.rows("SELECT path FROM instances WHERE series_id=?", m.series_id)}
+    assert len(left) == 6 and all((st.cfg.spool_dir / p).exists() for p in left), "5 old and the new one stay"
+    assert st.rows("SELECT state, generation, instances FROM series WHERE id=?", m.series_id) == [("receiving", 2, 6)]
+    assert st.rows("SELECT count(*) FROM prunes WHERE finished_at IS NULL") == [(0,)]
+
+
+def _encoded(ds: object) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)  # type: ignore[attr-defined]
+    return buf.getvalue()
+
+
+def test_an_instance_arriving_while_a_prune_holds_the_spool_waits_and_is_then_stored(tmp_path: Path) -> None:
+    import threading
+
+    from storage.spool import Spool
+
+    datasets = make_series(SeriesSpec(slices=2, rows=16, cols=16))
+    with NodeProcess(tmp_path, retention={"interval_minutes": 0}) as node:
+        spool = Spool(node.storage / "spool")
+        result: list[list[int | None]] = []
+        with spool.exclusive():
+            t = threading.Thread(target=lambda: result.append(pynetdicom_send(node.port, datasets)))
+            t.start()
+            time.sleep(2.0)
+            assert not result and not spooled(node, datasets[0]).exists(), "stored while retention held the spool"
+        t.join(30)
+        assert result == [[0, 0]] and all(spooled(node, ds).exists() for ds in datasets)
