@@ -195,6 +195,39 @@ def retry(config_path: Path, job_id: int | None, all_failed: bool, force: bool) 
 
 @cli.command()
 @config_option
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed (the ledger is opened read-only).")
+def prune(config_path: Path, dry_run: bool) -> None:
+    """Remove what [retention] allows: spool and outputs of settled series past their age (or oldest first above
+    the disk high-water mark), then their ledger rows.  One line per class (counts and sizes); exit 0."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from dicom_node.prune import Pruner
+    from storage.db import LedgerError
+    from storage.ledger import Ledger
+    from storage.spool import Spool
+
+    cfg = read_config(config_path)
+    where = cfg.storage.ledger_url.removeprefix("sqlite:///")
+    try:
+        ledger = Ledger(cfg.storage.ledger_url, read_only=dry_run)
+    except LedgerError as exc:
+        raise UsageFailure(str(exc)) from None
+    except (SQLAlchemyError, OSError) as exc:
+        raise UsageFailure(f"cannot open the ledger at {where}: {_one_line(exc)}") from None
+    try:
+        pruner = Pruner(cfg.retention, ledger, Spool(cfg.spool_dir, create=not dry_run), cfg.output_dir,
+                        cfg.storage.dir)
+        report = pruner.run(dry_run=dry_run)
+    except (SQLAlchemyError, OSError) as exc:
+        raise UsageFailure(f"prune failed: {_one_line(exc)}") from None
+    finally:
+        ledger.close()
+    for line in report.lines(cfg.retention):
+        click.echo(line)
+
+
+@cli.command()
+@config_option
 @click.argument("destination", required=False)
 @click.option("--timeout", type=click.FloatRange(0.1), default=10.0, show_default=True, help="Seconds per destination.")
 def echo(config_path: Path, destination: str | None, timeout: float) -> None:

@@ -298,7 +298,17 @@ class Intake:
 
     def store(self, tmp: Path, *, calling_aet: str, sop_class_uid: str, sop_instance_uid: str,
               transfer_syntax: str) -> StoreResult:
-        """Accept the received file *tmp* (in the spool's incoming folder) or say why not."""
+        """Accept the received file *tmp* (in the spool's incoming folder) or say why not.
+
+        Holds the spool's shared lock throughout: retention never removes a series' files (and rows)
+        between our look at the ledger and our record in it.
+        """
+        with self.spool.shared():
+            return self._store(tmp, calling_aet=calling_aet, sop_class_uid=sop_class_uid,
+                               sop_instance_uid=sop_instance_uid, transfer_syntax=transfer_syntax)
+
+    def _store(self, tmp: Path, *, calling_aet: str, sop_class_uid: str, sop_instance_uid: str,
+               transfer_syntax: str) -> StoreResult:
         failed = incoming.write_error(tmp)
         if failed is not None:  # the disk filled up while it arrived: nothing usable was kept
             return self._reject(StoreStatus.OUT_OF_RESOURCES,

@@ -23,6 +23,7 @@ from dicom_node import selection
 from dicom_node.completion import CompletionMonitor
 from dicom_node.config import Config
 from dicom_node.intake import Intake
+from dicom_node.prune import Pruner, RetentionThread
 from dicom_node.net.scp import start_scp
 from dicom_node.net.transport import GuardedServer
 from storage.ledger import InstanceRecord, Ledger
@@ -195,6 +196,8 @@ def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
     partial = spool.clean_incoming()
     if partial:
         log.info("removed %d partial file(s) of interrupted transfers (never acknowledged)", partial)
+    pruner = Pruner(cfg.retention, ledger, spool, cfg.output_dir, cfg.storage.dir)
+    pruner.finish_interrupted()  # a prune cut short (a crash, a kill) is finished before anything else
     recovered = reconcile(spool, ledger)
     if recovered:
         log.warning("re-indexed %d spooled instance(s) missing from the ledger", recovered)
@@ -209,6 +212,9 @@ def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
     monitor.start()
     pool = WorkerPool(cfg, on_death=ledger.release_own)
     pool.start()
+    retention = RetentionThread(pruner, cfg.retention.interval_minutes * 60)
+    if cfg.retention.interval_minutes > 0:
+        retention.start()
     host, port = server.server_address[:2]
     log.info("listening on %s:%d as %s", host, port, cfg.node.ae_title)
 
@@ -240,6 +246,9 @@ def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
     monitor.stop()
     monitor.join(5)
     pool.stop()
+    retention.stop()
+    if retention.is_alive():
+        retention.join(10)  # a removal cut short here is finished at the next start
     ledger.close()
     log.info("stopped")
     return 0

@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from vocab.states import ACTIVE_JOB_STATES, JobState, SeriesState
 
 __all__ = ["ACTIVE_JOB_STATES", "AssociationRejection", "Base", "Delivery", "Instance", "Job", "JobRun", "JobState", "Meta",
-           "Note", "Rejection", "Series", "SeriesState"]
+           "Note", "Prune", "Rejection", "Series", "SeriesState"]
 
 
 class Base(DeclarativeBase):
@@ -150,3 +150,26 @@ class AssociationRejection(Base):
     peer: Mapped[str] = mapped_column(String(64))
     result: Mapped[str] = mapped_column(String(32))  # "rejected (permanent)" / "rejected (transient)"
     reason: Mapped[str] = mapped_column(Text)
+
+
+class Prune(Base):
+    """A removal by retention (``dicomnode prune``): written *before* anything is deleted, finished after.
+
+    ``what`` is ``spool`` (the received instances of one generation of a series; its instance rows go
+    with them) or ``output`` (the built series of its jobs).  A row whose ``finished_at`` is empty is a
+    removal that was interrupted: the next prune (or ``serve``'s start) finishes it.  The rows of a
+    series go when its ledger rows do.
+    """
+
+    __tablename__ = "prunes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    what: Mapped[str] = mapped_column(String(16))  # spool | output
+    reason: Mapped[str] = mapped_column(String(16))  # age | disk
+    files: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, index=True)
+
+    __table_args__ = (UniqueConstraint("series_id", "generation", "what"),)

@@ -4,6 +4,7 @@ Layout under ``<storage.dir>/spool``::
 
     .incoming/                      temporary files being received (same file system)
     <StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm
+    .lock                           storing an instance holds it shared; retention removing files, exclusive
 
 A file only ever appears under its final name complete and fsynced: the data
 is fsynced, renamed atomically into place and the folder entry fsynced.
@@ -11,12 +12,15 @@ is fsynced, renamed atomically into place and the folder entry fsynced.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import logging
 import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -75,11 +79,13 @@ class SpooledFile:
 
 
 class Spool:
-    def __init__(self, root: Path, min_free_mb: int = 0) -> None:
+    def __init__(self, root: Path, min_free_mb: int = 0, *, create: bool = True) -> None:
+        """*create* False (a dry run that only reads): no folder is made."""
         self.root = root
         self.incoming = root / ".incoming"
         self.min_free_bytes = min_free_mb * 1024 * 1024
-        self.incoming.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.incoming.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
         self._roomy_until = 0.0  # monotonic time until which free space need not be checked again
 
@@ -165,10 +171,18 @@ class Spool:
                 for d in new_dirs:  # make the new folder entries durable too
                     fsync_dir(d.parent)
                 self._known_dirs.add(folder)
-            if replace:
-                os.replace(tmp, final)
-            else:
-                _place_new(tmp, final)
+            place = os.replace if replace else _place_new
+            try:
+                place(tmp, final)
+            except FileNotFoundError:
+                if not tmp.exists():
+                    raise
+                # the series' folder was removed by retention since we made it: make it again
+                self._known_dirs.discard(folder)
+                folder.mkdir(parents=True, exist_ok=True)
+                fsync_dir(folder.parent)
+                fsync_dir(folder.parent.parent)
+                place(tmp, final)
             fsync_dir(folder)
         except SpoolFull:
             raise
@@ -192,6 +206,51 @@ class Spool:
                 raise SpoolFull(exc.errno, f"cannot write spool: {exc.strerror}") from exc
             raise
         return self.commit(Path(name), study_uid, series_uid, sop_uid)
+
+    # ---------------------------------------------------------------- locking
+    @contextmanager
+    def _locked(self, mode: int) -> Iterator[None]:
+        # one open file per holder: flock locks belong to the open file, so threads must not share one
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)  # releases the lock (the kernel does so too if the process dies)
+
+    def shared(self) -> contextlib.AbstractContextManager[None]:
+        """Held while one instance is checked, spooled and recorded: retention removes nothing meanwhile."""
+        return self._locked(fcntl.LOCK_SH)
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Held by retention while it removes one series' files and their rows: no instance is stored meanwhile."""
+        return self._locked(fcntl.LOCK_EX)
+
+    def remove_series_files(self, relpaths: Iterator[str] | list[str] | tuple[str, ...]) -> list[str]:
+        """Delete spooled files (and the series/study folders they leave empty), durably; returns those
+        that were already gone."""
+        gone: list[str] = []
+        folders: set[Path] = set()
+        for rel in relpaths:
+            p = self.root / rel
+            folders.add(p.parent)
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                gone.append(rel)
+        for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+            self._known_dirs.discard(folder)
+            for d in (folder, folder.parent):
+                if d == self.root or not d.is_relative_to(self.root):
+                    break
+                try:
+                    d.rmdir()
+                except OSError:  # not empty (another series of the study), or already gone
+                    if d.exists():
+                        fsync_dir(d)
+                    break
+                fsync_dir(d.parent)
+        return gone
 
     # ------------------------------------------------------------ maintenance
     def clean_incoming(self) -> int:

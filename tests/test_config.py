@@ -36,7 +36,8 @@ def test_shipped_config_is_valid_and_documented() -> None:
     assert cfg.series.quiet_seconds == 10 and cfg.model.checkpoint == "default" and cfg.model.device == "auto"
     assert [(d.ae_title, d.host, d.port) for d in cfg.destinations] == [("PACS", "127.0.0.1", 4242)]
     readme = (REPO / "README.md").read_text()
-    for section in ("node", "security", "storage", "series", "model", "worker", "output", "delivery", "destinations"):
+    for section in ("node", "security", "storage", "series", "model", "worker", "output", "delivery", "destinations",
+                    "retention"):
         for key in _keys_of(section):
             assert f"`{key}`" in readme, f"README does not document {section}.{key}"
 
@@ -48,7 +49,7 @@ def _keys_of(section: str) -> list[str]:
 
     cls = {"node": c.NodeConfig, "security": c.SecurityConfig, "storage": c.StorageConfig, "series": c.SeriesConfig,
            "model": c.ModelConfig, "worker": c.WorkerConfig, "output": c.OutputConfig, "delivery": c.DeliveryConfig,
-           "destinations": c.Destination}[section]
+           "destinations": c.Destination, "retention": c.RetentionConfig}[section]
     return [f.name for f in fields(cls)]
 
 
@@ -78,6 +79,10 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
         (GOOD + "\n[[series.rules]]\nclassify = \"T1\"\ndescription = \"(\"\n", "series.rules[0].description: invalid regular"),
         (GOOD + "\n[security.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n", "security.tls.cert: file not found"),
         (GOOD + "\n[output]\nuid_root = \"1.2.x.\"\n", "output.uid_root"),
+        (GOOD + "\n[retention]\nspool_days = 120\n", "retention.ledger_days: must be >= spool_days (120)"),
+        (GOOD + "\n[retention]\nhigh_water_percent = 120\n", "retention.high_water_percent: must be 0-100"),
+        (GOOD + "\n[retention]\noutput_days = -1\n", "retention.output_days: must be >= 0"),
+        (GOOD + "\n[retention]\nkeep = 1\n", "retention.keep: unknown key"),
         ("[node\n", "invalid TOML"),
     ],
 )

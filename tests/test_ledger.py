@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.db import LedgerError
+from storage.db import LedgerError, schema_head
 from storage.ledger import InstanceRecord, Ledger, utcnow
 
 
@@ -119,8 +119,8 @@ def test_a_done_job_is_retried_only_when_forced(ledger: Ledger) -> None:
 
 def test_schema_version_is_kept_and_checked(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'l.db'}"
-    assert Ledger(url).schema_version == 1
-    assert Ledger(url).schema_version == 1  # reopening migrates nothing
+    assert Ledger(url).schema_version == schema_head()
+    assert Ledger(url).schema_version == schema_head()  # reopening migrates nothing
     con = sqlite3.connect(tmp_path / "l.db")
     con.execute("update meta set value = '99' where key = 'schema_version'")
     con.commit()
@@ -141,7 +141,7 @@ def test_a_ledger_kept_write_locked_by_another_process_is_named_not_a_traceback(
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    assert Ledger(url, busy_timeout=0.5).schema_version == 1  # free again: opens at once
+    assert Ledger(url, busy_timeout=0.5).schema_version == schema_head()  # free again: opens at once
 
 
 def test_sqlite_runs_in_wal_mode(ledger: Ledger, tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ from typing import Any, Mapping, TypeVar, cast
 
 from dicom_node.config.rules import SelectionRule
 from dicom_node.config.schema import (Config, ConfigError, DeliveryConfig, Destination, ModelConfig, NodeConfig,
-                                      OutputConfig, SecurityConfig, SeriesConfig, StorageConfig, TLSConfig,
-                                      WorkerConfig)
+                                      OutputConfig, RetentionConfig, SecurityConfig, SeriesConfig,
+                                      StorageConfig, TLSConfig, WorkerConfig)
 from vocab import Classification, Direction
 
 __all__ = ["check_consistency", "load_config", "parse_config"]
@@ -221,7 +221,8 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     """Validate a parsed TOML document into a :class:`Config`."""
     ctx = _Ctx(path)
     base = path.parent.resolve()
-    known = {"node", "security", "storage", "series", "model", "worker", "output", "delivery", "destinations"}
+    known = {"node", "security", "storage", "series", "model", "worker", "output", "delivery", "destinations",
+             "retention"}
     _unknown(ctx, "", data, known)
 
     node = _simple_section(
@@ -321,6 +322,8 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
                        f"must be >= backoff_initial_seconds ({delivery.backoff_initial_seconds:g}), "
                        f"got {delivery.backoff_max_seconds:g}")
 
+    retention = _retention(ctx, data.get("retention", {}))
+
     dests_raw = data.get("destinations", [])
     if not isinstance(dests_raw, list):
         raise ctx.fail("destinations", "expected an array of tables [[destinations]]")
@@ -335,11 +338,23 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         worker=worker,
         output=output,
         delivery=delivery,
+        retention=retention,
         destinations=destinations,
         source=path,
     )
     check_consistency(cfg, path)
     return cfg
+
+
+def _retention(ctx: _Ctx, raw: Any) -> RetentionConfig:
+    r: RetentionConfig = _simple_section(ctx, "retention", raw, RetentionConfig)
+    if r.high_water_percent > 100:
+        raise ctx.fail("retention.high_water_percent", f"must be 0-100, got {r.high_water_percent:g}")
+    for key in ("spool_days", "output_days"):
+        if r.ledger_days < getattr(r, key):
+            raise ctx.fail("retention.ledger_days", f"must be >= {key} ({getattr(r, key):g}): the ledger says what "
+                           f"was removed, so it is kept longest; got {r.ledger_days:g}")
+    return r
 
 
 def check_consistency(cfg: Config, path: Path) -> None:

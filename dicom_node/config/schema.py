@@ -15,7 +15,7 @@ from dicom_node.config.rules import DEFAULT_RULES, SelectionRule
 from vocab import Direction
 
 __all__ = ["Config", "ConfigError", "DeliveryConfig", "Destination", "ModelConfig", "NodeConfig", "OutputConfig",
-           "SecurityConfig", "SeriesConfig", "StorageConfig", "TLSConfig", "WorkerConfig"]
+           "RetentionConfig", "SecurityConfig", "SeriesConfig", "StorageConfig", "TLSConfig", "WorkerConfig"]
 
 
 class ConfigError(ValueError):
@@ -110,6 +110,21 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """How long finished series are kept (days after their last job finished), and the disk high-water mark.
+
+    Only series whose every job is done or superseded (or that were not selected) are ever removed.
+    """
+
+    spool_days: float = 7.0  # received instances
+    output_days: float = 7.0  # built synthetic series (output/job-<id>/)
+    ledger_days: float = 90.0  # the ledger rows of the series, its jobs and deliveries (>= both above)
+    high_water_percent: float = 90.0  # disk used above this: prune the oldest finished series first; 0 = off
+    min_free_mb: int = 0  # free disk below this: the same; 0 = off
+    interval_minutes: float = 60.0  # serve prunes this often; 0 = only `dicomnode prune`
+
+
+@dataclass(frozen=True)
 class Destination:
     ae_title: str
     host: str
@@ -133,6 +148,7 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     destinations: tuple[Destination, ...] = ()
     source: Path | None = None  # the file this came from
 
@@ -147,6 +163,7 @@ class Config:
     def summary(self) -> str:
         """One log line with the effective settings (no secrets)."""
         dests = ", ".join(d.label for d in self.destinations) or "none"
+        r = self.retention
         aets = "any" if self.security.allow_any_calling_aet else ",".join(
             self.security.allowed_calling_aets
         )
@@ -156,7 +173,9 @@ class Config:
             f"max_associations={self.node.max_associations} calling_aets={aets} "
             f"storage={self.storage.dir} ledger={_redact_url(self.storage.ledger_url)} "
             f"quiet_seconds={self.series.quiet_seconds} model={self.model.checkpoint} "
-            f"device={self.model.device} engine={self.model.engine} workers={self.worker.processes} destinations={dests}"
+            f"device={self.model.device} engine={self.model.engine} workers={self.worker.processes} destinations={dests} "
+            f"retention=spool {r.spool_days:g}d/output {r.output_days:g}d/ledger {r.ledger_days:g}d "
+            f"high_water={r.high_water_percent:g}% every {r.interval_minutes:g} min"
         )
 
     def with_overrides(self, **sections: Mapping[str, Any]) -> "Config":

@@ -9,7 +9,8 @@ parts that own each responsibility:
   only succeeds if no new instance arrived meanwhile;
 * :mod:`~storage.ledger.jobs`: the job queue (claims, leases, runs, retries, supersession);
 * :mod:`~storage.ledger.deliveries`: per-instance delivery outcomes per destination;
-* :mod:`~storage.ledger.read`: typed read models for ``status`` and anything else that reports.
+* :mod:`~storage.ledger.read`: typed read models for ``status`` and anything else that reports;
+* :mod:`~storage.ledger.retention`: which series are settled (may lose files), and records of removals.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from storage.ledger.deliveries import Deliveries
 from storage.ledger.jobs import ClaimedJob, JobQueue, RetryOutcome
 from storage.ledger.read import (DeliveryCount, JobRunView, JobView, NoteView, ReadSide, RejectionView, SeriesView,
                                  StatusView)
+from storage.ledger.retention import PruneTicket, Retention, SettledSeries
 from storage.ledger.receiving import InstanceConflict, InstanceRecord, Receiving, RecordOutcome, StoredInstance
 
 __all__ = [
@@ -33,10 +35,12 @@ __all__ = [
     "Ledger",
     "LedgerBase",
     "NoteView",
+    "PruneTicket",
     "RecordOutcome",
     "RejectionView",
     "RetryOutcome",
     "SeriesView",
+    "SettledSeries",
     "StatusView",
     "StoredInstance",
     "iso",
@@ -44,5 +48,5 @@ __all__ = [
 ]
 
 
-class Ledger(Receiving, Completion, JobQueue, Deliveries, ReadSide):
+class Ledger(Receiving, Completion, JobQueue, Deliveries, ReadSide, Retention):
     """The whole ledger (see the module docstring for which part owns what)."""
