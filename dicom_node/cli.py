@@ -82,8 +82,12 @@ def serve(config_path: Path, host: str | None, port: int | None, ae_title: str |
                                  worker={"processes": workers})
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None
+    from dicom_node.web.listener import ListenError
+
     try:
         code = run_serve(cfg)
+    except ListenError as exc:
+        raise UsageFailure(f"cannot start: {exc}") from None
     except OSError as exc:
         raise UsageFailure(f"cannot start: {exc.strerror or exc} ({cfg.node.host}:{cfg.node.port})") from None
     sys.exit(code)

@@ -53,6 +53,7 @@ def node_sections(folder: Path, port: int, **over: dict[str, Any]) -> dict[str, 
         "storage": {"dir": str(folder / "var")},
         "series": {"quiet_seconds": 1.0, "min_slices": 4},
         "worker": {"processes": 0},
+        "http": {"host": "127.0.0.1", "port": free_port()},  # every node its own: the default port is one per host
     }
     for k, v in over.items():
         sections.setdefault(k, {}).update(v)

@@ -14,8 +14,8 @@ from typing import Any, Mapping
 from dicom_node.config.rules import DEFAULT_RULES, SelectionRule
 from vocab import Direction
 
-__all__ = ["Config", "ConfigError", "DeliveryConfig", "Destination", "ModelConfig", "NodeConfig", "OutputConfig",
-           "SecurityConfig", "SeriesConfig", "StorageConfig", "TLSConfig", "WorkerConfig"]
+__all__ = ["Config", "ConfigError", "DeliveryConfig", "Destination", "HttpConfig", "ModelConfig", "NodeConfig",
+           "OutputConfig", "SecurityConfig", "SeriesConfig", "StorageConfig", "TLSConfig", "WorkerConfig"]
 
 
 class ConfigError(ValueError):
@@ -110,6 +110,15 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP listener of ``serve``: ``/metrics`` (Prometheus) and ``/healthz``."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 11180  # 11112 (DICOM) + HTTP; not Orthanc's 8042 nor a common Prometheus exporter port
+
+
+@dataclass(frozen=True)
 class Destination:
     ae_title: str
     host: str
@@ -134,6 +143,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     destinations: tuple[Destination, ...] = ()
+    http: HttpConfig = field(default_factory=HttpConfig)
     source: Path | None = None  # the file this came from
 
     @property
@@ -156,7 +166,8 @@ class Config:
             f"max_associations={self.node.max_associations} calling_aets={aets} "
             f"storage={self.storage.dir} ledger={_redact_url(self.storage.ledger_url)} "
             f"quiet_seconds={self.series.quiet_seconds} model={self.model.checkpoint} "
-            f"device={self.model.device} engine={self.model.engine} workers={self.worker.processes} destinations={dests}"
+            f"device={self.model.device} engine={self.model.engine} workers={self.worker.processes} destinations={dests} "
+            f"http={f'{self.http.host}:{self.http.port}' if self.http.enabled else 'off'}"
         )
 
     def with_overrides(self, **sections: Mapping[str, Any]) -> "Config":

@@ -9,7 +9,8 @@ parts that own each responsibility:
   only succeeds if no new instance arrived meanwhile;
 * :mod:`~storage.ledger.jobs`: the job queue (claims, leases, runs, retries, supersession);
 * :mod:`~storage.ledger.deliveries`: per-instance delivery outcomes per destination;
-* :mod:`~storage.ledger.read`: typed read models for ``status`` and anything else that reports.
+* :mod:`~storage.ledger.read`: typed read models for ``status`` and anything else that reports;
+* :mod:`~storage.ledger.tallies`: counts and stage-duration histograms for ``/metrics``.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from storage.ledger.jobs import ClaimedJob, JobQueue, RetryOutcome
 from storage.ledger.read import (DeliveryCount, JobRunView, JobView, NoteView, ReadSide, RejectionView, SeriesView,
                                  StatusView)
 from storage.ledger.receiving import InstanceConflict, InstanceRecord, Receiving, RecordOutcome, StoredInstance
+from storage.ledger.tallies import DeliveryTally, DurationTally, LedgerTallies, Tallies
 
 __all__ = [
     "ClaimedJob",
     "DeliveryCount",
+    "DeliveryTally",
+    "DurationTally",
     "DueSeries",
     "InstanceConflict",
     "InstanceRecord",
@@ -32,6 +36,7 @@ __all__ = [
     "JobView",
     "Ledger",
     "LedgerBase",
+    "LedgerTallies",
     "NoteView",
     "RecordOutcome",
     "RejectionView",
@@ -44,5 +49,5 @@ __all__ = [
 ]
 
 
-class Ledger(Receiving, Completion, JobQueue, Deliveries, ReadSide):
+class Ledger(Receiving, Completion, JobQueue, Deliveries, ReadSide, Tallies):
     """The whole ledger (see the module docstring for which part owns what)."""
