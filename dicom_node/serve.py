@@ -234,7 +234,7 @@ def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
     intake = Intake(spool, ledger, overwrite_instances=cfg.storage.overwrite_instances,
                     max_inflated=cfg.node.max_inflated_mb << 20)
     pool = WorkerPool(cfg, on_death=ledger.release_own)
-    watch = Monitor(cfg, pool)  # metrics and health; the SCP counts into it
+    watch = Monitor(cfg, pool, ledger)  # metrics and health; the SCP counts into it
     server = start_scp(cfg, ledger, intake, observer=watch.counters)
     monitor = CompletionMonitor(ledger, cfg)
     monitor.start()

@@ -16,8 +16,6 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -35,13 +33,8 @@ WORKER = {"processes": 1, "lease_seconds": 300, "poll_seconds": 0.2}
 MODEL = {"device": "cpu", "batch_size": 4}
 
 
-def get(node: NodeProcess, path: str, timeout: float = 10) -> tuple[int, str]:
-    url = f"http://127.0.0.1:{node.sections['http']['port']}{path}"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+def get(node: NodeProcess, path: str) -> tuple[int, str]:
+    return node.http_get(path)
 
 
 def health(node: NodeProcess) -> tuple[int, dict[str, Any]]:
@@ -50,15 +43,7 @@ def health(node: NodeProcess) -> tuple[int, dict[str, Any]]:
 
 
 def metrics(node: NodeProcess) -> dict[str, float]:
-    """Every sample of /metrics: 'name{labels}' -> value (labels as exposed, sorted by the client)."""
-    code, body = get(node, "/metrics")
-    assert code == 200, body
-    out = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            key, value = line.rsplit(" ", 1)
-            out[key] = float(value)
-    return out
+    return node.metrics()
 
 
 def wait_until(what: str, probe: Callable[[], Any], timeout: float = 60, log: Callable[[], str] = str) -> Any:
@@ -104,7 +89,7 @@ def node(tmp_path_factory: pytest.TempPathFactory, pacs: PynetdicomStoreSCP) -> 
                     worker=WORKER, model=MODEL)
     n.start()
     try:
-        wait_health(n, 200)  # the worker has loaded its models
+        wait_health(n, 200, timeout=180)  # the worker has loaded its models
         yield n
     finally:
         n.stop()
@@ -291,6 +276,7 @@ def test_http_keys_are_checked_and_named(tmp_path: Path) -> None:
     assert (cfg.http.enabled, cfg.http.host, cfg.http.port) == (True, "127.0.0.1", 11180)
     for bad, message in (({"port": 70000}, "http.port: port must be 0-65535"),
                          ({"enabled": "yes"}, "http.enabled: expected true or false"),
-                         ({"bind": "x"}, "http.bind: unknown key")):
+                         ({"bind": "x"}, "http.bind: unknown key"),
+                         ({"port": 11112}, "http.port: is node.port (11112) too")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             parse_config({**base, "http": bad}, tmp_path / "c.toml")

@@ -354,6 +354,8 @@ def check_consistency(cfg: Config, path: Path) -> None:
             "security.allowed_calling_aets",
             "empty: list the AE titles allowed to send, or set allow_any_calling_aet = true",
         )
+    if cfg.http.enabled and cfg.http.port and cfg.http.port == cfg.node.port:
+        raise ctx.fail("http.port", f"is node.port ({cfg.node.port}) too: DICOM and HTTP need a port each")
     names = [d.label for d in cfg.destinations]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from dicom_node.config import Config
 from dicom_node.monitoring.health import Health
 from dicom_node.monitoring.metrics import LedgerCollector, LocalCollector, WorkerSlots, build_registry
+from storage.db import LedgerError
 from storage.ledger import Ledger
 
 if TYPE_CHECKING:
@@ -23,13 +24,20 @@ class Monitor:
     """Metrics and health of one ``serve``; :meth:`start_http` serves them when ``[http] enabled``.
 
     Reads the ledger through a read-only connection of its own (a scrape never
-    takes the write lock nor waits for a writer).
+    takes the write lock nor waits for a writer); *ledger*, the writer's, only
+    where no second connection can see it (an in-memory SQLite ledger).
     """
 
-    def __init__(self, cfg: Config, pool: WorkerSlots | None) -> None:
+    def __init__(self, cfg: Config, pool: WorkerSlots | None, ledger: Ledger | None = None) -> None:
         self.cfg = cfg
         self.stopping = threading.Event()
-        self.ledger = Ledger(cfg.storage.ledger_url, read_only=True)
+        try:
+            self.ledger = Ledger(cfg.storage.ledger_url, read_only=True)
+            self._own_ledger = True
+        except LedgerError:  # e.g. an in-memory SQLite ledger: only the writer's connection can see it
+            if ledger is None:
+                raise
+            self.ledger, self._own_ledger = ledger, False
         min_free = cfg.storage.min_free_mb * 2**20
         local = LocalCollector(cfg.storage.dir, cfg.spool_dir, cfg.output_dir, min_free, cfg.worker.processes, pool)
         self.registry, self.counters = build_registry([LedgerCollector(self.ledger), local])
@@ -52,5 +60,6 @@ class Monitor:
         if self._http is not None:
             self._http.stop()
             self._http = None
-        self.ledger.close()
+        if self._own_ledger:
+            self.ledger.close()
 
