@@ -5,7 +5,7 @@ Three sources:
 * :class:`ReceiveCounters`: in-process counters of what only this process's
   SCP sees (associations accepted and rejected, instances received);
 * :class:`LedgerCollector`: facts that live in the ledger, read at scrape time
-  (at most every ``cache_seconds``), so the work of every process sharing the
+  (at most every 5 s, and at most 5 % of the time), so the work of every process sharing the
   ledger counts: series and jobs by state, rejected instances, deliveries,
   stage durations of finished job runs;
 * :class:`LocalCollector`: this machine: free disk, spool and output bytes,
@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 STAGES: tuple[str, ...] = ("waiting", "loading", "inference", "qc", "building", "sending")
 #: seconds; from a claimed-at-once job to an hour of retried sending
 STAGE_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-#: ledger tallies are read at most this often (a scrape in between gets the last ones)
+#: ledger tallies are read again after this many seconds, or 20 times as long as the last reading took, if that is
+#: longer (a long history is read less often: at most 5 % of the time); a scrape in between gets the last reading
 LEDGER_CACHE_SECONDS = 5.0
+LEDGER_COST_FACTOR = 20.0
 #: the spool and output trees are walked again after this many seconds, or 20 times as long as the last walk
 #: took, if that is longer (a big spool on a slow file system is walked less often: at most 5 % of the time)
 DU_MIN_SECONDS = 1.0
@@ -93,9 +95,11 @@ class LedgerCollector(Collector):
         self._cached: tuple[float, LedgerTallies | None, float] | None = None  # (monotonic at, tallies, seconds)
 
     def snapshot(self) -> tuple[LedgerTallies | None, float]:
+        """The last reading, or a new one if it is old enough (see LEDGER_CACHE_SECONDS); and what it took."""
         with self._lock:
             now = time.monotonic()
-            if self._cached is None or now - self._cached[0] >= self.cache_seconds:
+            if self._cached is None or now - self._cached[0] >= max(self.cache_seconds,
+                                                                      LEDGER_COST_FACTOR * self._cached[2]):
                 t0 = time.monotonic()
                 try:
                     tallies: LedgerTallies | None = self.ledger.tallies(STAGES, STAGE_BUCKETS)
