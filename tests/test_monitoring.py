@@ -245,6 +245,11 @@ def test_the_listener_holds_no_thread_for_stalled_clients_and_stops_with_serve(t
         big.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
         assert big.recv(200).split(b"\r\n")[0].split(b" ")[1] == b"431"  # Request Header Fields Too Large
         big.close()
+        body = socket.create_connection(("127.0.0.1", http_port), timeout=5)
+        body.sendall(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        assert body.recv(200).split(b"\r\n")[0].split(b" ")[1] == b"413"  # refused before it is read
+        body.close()
+        assert get(node, "/healthz")[0] == 200
     finally:
         t0 = time.monotonic()
         rc = node.stop()
@@ -253,6 +258,27 @@ def test_the_listener_holds_no_thread_for_stalled_clients_and_stops_with_serve(t
             s.close()
     assert rc == 0 and took < 30, (rc, took)
     assert not listening(http_port)  # nothing left listening
+
+
+def test_healthz_says_stopping_while_serve_shuts_down(tmp_path: Path) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    node = NodeProcess(tmp_path / "node", node={"dimse_timeout": 4}).start()  # shutdown waits for it, at most
+    ae = AE(ae_title="SENDER1")
+    ae.add_requested_context(Verification)
+    held = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")  # in flight: serve gives it dimse_timeout
+    assert held.is_established
+    try:
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGTERM)
+        body = wait_health(node, 503, timeout=10)
+        assert body["failing"] == ["process"] and "is stopping" in body["checks"]["process"]["detail"], body
+        assert node.proc.wait(60) == 0
+    finally:
+        held.abort()
+        node.stop()
+    assert not listening(node.sections["http"]["port"])
 
 
 def test_an_http_port_in_use_stops_serve_with_one_line(tmp_path: Path) -> None:
