@@ -62,6 +62,7 @@ def node_config(folder: Path, port: int) -> Path:
         "storage": {"dir": str(folder / "var"), "min_free_mb": 64},
         "series": {"quiet_seconds": 3600.0, "complete_on_release": False},
         "worker": {"processes": 0},
+        "http": {"enabled": False},  # measured as before the listener existed
     }
     text = "\n".join(f"[{s}]\n" + "\n".join(f"{k} = {toml_value(v)}" for k, v in vals.items()) for s, vals in cfg.items())
     path = folder / "config.toml"

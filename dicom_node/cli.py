@@ -82,12 +82,15 @@ def serve(config_path: Path, host: str | None, port: int | None, ae_title: str |
                                  worker={"processes": workers})
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None
+    from dicom_node.web.listener import ListenError
     from storage.db import LedgerError
 
     try:
         code = run_serve(cfg)
     except LedgerError as exc:
         raise UsageFailure(f"cannot start: ledger: {exc}") from None
+    except ListenError as exc:
+        raise UsageFailure(f"cannot start: {exc}") from None
     except OSError as exc:
         raise UsageFailure(f"cannot start: {exc.strerror or exc} ({cfg.node.host}:{cfg.node.port})") from None
     sys.exit(code)

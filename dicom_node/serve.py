@@ -14,6 +14,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ from dicom_node import selection
 from dicom_node.completion import CompletionMonitor
 from dicom_node.config import Config
 from dicom_node.intake import Intake
+from dicom_node.monitoring.monitor import Monitor
 from dicom_node.prune import Pruner, RetentionThread
 from dicom_node.net.scp import start_scp
 from dicom_node.net.transport import GuardedServer
@@ -60,6 +62,15 @@ def reconcile(spool: Spool, ledger: Ledger) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class WorkerSlot:
+    index: int
+    pid: int | None
+    alive: bool
+    last_exit_code: int | None = None  # of the worker this one replaced, if any
+    seconds_since_restart: float | None = None
+
+
 class WorkerPool:
     """Keeps ``worker.processes`` synthesis workers alive.
 
@@ -75,6 +86,8 @@ class WorkerPool:
         self.procs: list[mp.process.BaseProcess] = []
         self._stopping = False
         self._on_death = on_death
+        self.restarts = 0  # workers that died and were started again
+        self._last_exit: dict[int, tuple[int | None, float]] = {}  # slot -> (exit code, monotonic time) of the last death
 
     def start(self) -> None:
         for i in range(self.cfg.worker.processes):
@@ -102,7 +115,19 @@ class WorkerPool:
                         self._on_death(f"{socket.gethostname()}:{p.pid}")
                     except Exception:
                         log.exception("could not hand back the job of worker pid %s", p.pid)
+                self._last_exit[i] = (p.exitcode, time.monotonic())
+                self.restarts += 1
                 self.procs[i] = self._spawn(i)
+
+    def slots(self) -> list[WorkerSlot]:
+        """Each configured worker: its PID, whether it runs, and how its predecessor ended (for /healthz)."""
+        out = []
+        for i, p in enumerate(list(self.procs)):
+            code, at = self._last_exit.get(i, (None, None))
+            # not p.is_alive(): that reaps, and reaping belongs to supervise() on the main thread
+            alive = p.pid is not None and pid_alive(p.pid)
+            out.append(WorkerSlot(i, p.pid, alive, code, None if at is None else time.monotonic() - at))
+        return out
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping = True
@@ -190,6 +215,10 @@ def stop_receiving(server: GuardedServer, grace: float) -> None:
 def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
     stop = stop_event or threading.Event()
     check_listen_address(cfg.node.host, cfg.node.port)  # a port in use must not leave a new ledger behind
+    if cfg.http.enabled:
+        from dicom_node.web.listener import check_http_address
+
+        check_http_address(cfg.http.host, cfg.http.port)  # ListenError: one line naming http.host:http.port
     spool, ledger = open_storage(cfg)
     log.info("starting: %s", cfg.summary())
     log.info("ledger schema v%d at %s", ledger.schema_version, cfg.storage.dir)
@@ -207,16 +236,29 @@ def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
 
     intake = Intake(spool, ledger, overwrite_instances=cfg.storage.overwrite_instances,
                     max_inflated=cfg.node.max_inflated_mb << 20)
-    server = start_scp(cfg, ledger, intake)
+    pool = WorkerPool(cfg, on_death=ledger.release_own)
+    watch = Monitor(cfg, pool, ledger)  # metrics and health; the SCP counts into it
+    server = start_scp(cfg, ledger, intake, observer=watch.counters)
     monitor = CompletionMonitor(ledger, cfg)
     monitor.start()
-    pool = WorkerPool(cfg, on_death=ledger.release_own)
     pool.start()
     retention = RetentionThread(pruner, cfg.retention.interval_minutes * 60)
     if cfg.retention.interval_minutes > 0:
         retention.start()
     host, port = server.server_address[:2]
     log.info("listening on %s:%d as %s", host, port, cfg.node.ae_title)
+    if cfg.http.enabled:
+        try:
+            http_host, http_port = watch.start_http()
+        except OSError:  # taken since the check at start: stop what runs, then say so in one line
+            stop_receiving(server, 0)
+            monitor.stop()
+            pool.stop()
+            watch.close()
+            retention.stop()
+            ledger.close()
+            raise
+        log.info("http on %s:%d: /metrics, /healthz", http_host, http_port)
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s: no new associations; finishing transfers in flight", signal.Signals(signum).name)
@@ -242,10 +284,12 @@ def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
         except Exception as exc:  # e.g. busy; the next second tries again
             log.debug("ledger checkpoint skipped: %s", exc)
 
+    watch.stopping.set()  # /healthz answers 503 "stopping" while the rest shuts down
     stop_receiving(server, min(cfg.node.dimse_timeout, 30.0))
     monitor.stop()
     monitor.join(5)
     pool.stop()
+    watch.close()
     retention.stop()
     if retention.is_alive():
         retention.join(10)  # a removal cut short here is finished at the next start

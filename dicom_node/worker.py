@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Iterator, Protocol
+from typing import IO, TYPE_CHECKING, Callable, Iterator, Protocol
 
 from dicom_node.config import Config, Destination
 from dicom_node.dispatch import Dispatcher
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
     from dicom_node.build import Revision
+    from dicom_node.monitoring.readiness import ReadyReport
     from dicom_node.volume import SeriesVolume
     from ml.inference import LoadedModel
 
@@ -113,16 +114,36 @@ class Worker:
         return m
 
     # ------------------------------------------------------------ loop
-    def warm_up(self) -> None:
-        """Load the models before the first job, so the first series waits no longer than the others."""
+    def warm_up(self) -> dict[str, str]:
+        """Load the models before the first job, so the first series waits no longer than the others.
+
+        Returns why a direction's model could not be loaded (empty: all loaded).
+        """
+        errors: dict[str, str] = {}
         for direction in self.cfg.model.directions:
             try:
                 self.model(direction)
             except Exception as exc:  # jobs of this direction will fail with the same reason
                 log.error("model for %s could not be loaded: %s", direction.value, exc)
+                errors[direction.value] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return errors
 
-    def run(self, stop: threading.Event) -> None:
-        self.warm_up()
+    def ready_report(self, errors: dict[str, str]) -> ReadyReport:
+        """What ``serve``'s health check and metrics learn about this worker once it is warm."""
+        from dicom_node.monitoring.readiness import LoadedModelInfo, ReadyReport
+
+        return ReadyReport(os.getpid(), {
+            d: LoadedModelInfo(m.name, m.version, m.identity, str(m.metadata.get("_weights_sha256", "")),
+                               m.engine.value)
+            for d, m in self._models.items()}, errors)
+
+    def run(self, stop: threading.Event, on_ready: Callable[[ReadyReport], None] | None = None) -> None:
+        errors = self.warm_up()
+        if on_ready is not None:
+            try:
+                on_ready(self.ready_report(errors))
+            except Exception as exc:  # the node runs on; its health check says the worker is not ready
+                log.error("could not report this worker ready: %s", exc)
         log.info("worker %s polling the ledger", self.name)
         while not stop.is_set():
             job = self.ledger.claim_job(self.name, self.cfg.worker.lease_seconds)
@@ -287,15 +308,25 @@ def _install_signal_handlers(stop: threading.Event) -> None:
         signal.signal(signal.SIGINT, on_signal)
 
 
-def run_worker(cfg: Config, stop: threading.Event | None = None) -> int:
+def run_worker(cfg: Config, stop: threading.Event | None = None, ready_file: Path | None = None) -> int:
+    """Run jobs until stopped; with *ready_file*, report there once the models are loaded (``serve``'s workers)."""
     stop = stop or threading.Event()
     _install_signal_handlers(stop)
     worker = Worker(cfg)
+    on_ready: Callable[[ReadyReport], None] | None = None
+    if ready_file is not None:
+        from dicom_node.monitoring.readiness import remove_ready, write_ready
+
+        path = ready_file
+        remove_ready(path)  # a predecessor's report never stands for this worker
+        on_ready = lambda report: write_ready(path, report)  # noqa: E731
     try:
-        worker.run(stop)
+        worker.run(stop, on_ready)
     except SystemExit:
         pass
     finally:
+        if ready_file is not None:
+            remove_ready(ready_file)
         worker.ledger.release_own(worker.name)
         worker.ledger.close()
     return 0
@@ -399,6 +430,8 @@ def worker_main(cfg: Config, index: int, log_level: str = "INFO", parent_pid: in
     except SystemExit:
         return
     try:
-        run_worker(cfg, stop)
+        from dicom_node.monitoring.readiness import ready_path
+
+        run_worker(cfg, stop, ready_file=ready_path(cfg.storage.dir, index))
     finally:
         slot.close()

@@ -53,6 +53,7 @@ def node_sections(folder: Path, port: int, **over: dict[str, Any]) -> dict[str, 
         "storage": {"dir": str(folder / "var")},
         "series": {"quiet_seconds": 1.0, "min_slices": 4},
         "worker": {"processes": 0},
+        "http": {"host": "127.0.0.1", "port": free_port()},  # every node its own: the default port is one per host
     }
     for k, v in over.items():
         sections.setdefault(k, {}).update(v)
@@ -187,6 +188,25 @@ class NodeProcess:
                 return st
             time.sleep(0.3)
         raise AssertionError(f"timed out waiting for {what}; status: {json.dumps(st, indent=1)[:3000]}\nlog:\n{self.log()[-4000:]}")
+
+    def http_get(self, path: str, timeout: float = 10) -> tuple[int, str]:
+        """(status, body) of GET *path* on this node's HTTP listener (urllib: a real HTTP client)."""
+        import urllib.error
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.sections['http']['port']}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics: 'name{labels}' -> value (labels as the node writes them)."""
+        code, body = self.http_get("/metrics")
+        assert code == 200, body
+        return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in body.splitlines()
+                                         if line and not line.startswith("#"))}
 
     def series(self, uid: str) -> dict[str, Any] | None:
         return next((s for s in self.status()["series"] if s["series_uid"] == uid), None)

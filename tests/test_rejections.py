@@ -29,6 +29,10 @@ def test_rejections_say_who_asked_for_whom_and_why(tmp_path: Path) -> None:
             held.release()
         rejections = [r for r in node.status()["rejections"] if r["kind"] == "association"]
         log = node.log()
+        counted = node.metrics()
+    for reason in ("calling_aet_not_allowed", "called_aet_not_ours", "association_limit"):  # /metrics: one each
+        assert counted[f'dicomnode_associations_rejected_total{{reason="{reason}"}}'] == 1, reason
+    assert counted['dicomnode_associations_rejected_total{reason="other"}'] == 0
     by_calling = {r["calling_aet"]: r for r in rejections}
     assert set(by_calling) == {"INTRUDER", "STORESCU", "SENDER2"}
     assert by_calling["INTRUDER"]["reason"].startswith("calling AE title not allowed")

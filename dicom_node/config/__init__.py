@@ -9,8 +9,8 @@ The contrast vocabulary (:class:`Direction`, :class:`Classification`) lives in :
 
 from dicom_node.config.parse import load_config, parse_config
 from dicom_node.config.rules import DEFAULT_RULES, SelectionRule
-from dicom_node.config.schema import (Config, ConfigError, DeliveryConfig, Destination, ModelConfig, NodeConfig,
-                                      OutputConfig, RetentionConfig, SecurityConfig, SeriesConfig,
+from dicom_node.config.schema import (Config, ConfigError, DeliveryConfig, Destination, HttpConfig, ModelConfig,
+                                      NodeConfig, OutputConfig, RetentionConfig, SecurityConfig, SeriesConfig,
                                       StorageConfig, TLSConfig, WorkerConfig)
 from vocab import Classification, Direction
 
@@ -22,6 +22,7 @@ __all__ = [
     "DeliveryConfig",
     "Destination",
     "Direction",
+    "HttpConfig",
     "ModelConfig",
     "NodeConfig",
     "OutputConfig",

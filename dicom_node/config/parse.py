@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Mapping, TypeVar, cast
 
 from dicom_node.config.rules import SelectionRule
-from dicom_node.config.schema import (Config, ConfigError, DeliveryConfig, Destination, ModelConfig, NodeConfig,
-                                      OutputConfig, RetentionConfig, SecurityConfig, SeriesConfig,
+from dicom_node.config.schema import (Config, ConfigError, DeliveryConfig, Destination, HttpConfig, ModelConfig,
+                                      NodeConfig, OutputConfig, RetentionConfig, SecurityConfig, SeriesConfig,
                                       StorageConfig, TLSConfig, WorkerConfig)
 from vocab import Classification, Direction
 
@@ -222,7 +222,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     ctx = _Ctx(path)
     base = path.parent.resolve()
     known = {"node", "security", "storage", "series", "model", "worker", "output", "delivery", "destinations",
-             "retention"}
+             "retention", "http"}
     _unknown(ctx, "", data, known)
 
     node = _simple_section(
@@ -329,6 +329,9 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         raise ctx.fail("destinations", "expected an array of tables [[destinations]]")
     destinations = tuple(_destination(ctx, i, d, base) for i, d in enumerate(dests_raw))
 
+    http = _simple_section(ctx, "http", data.get("http", {}), HttpConfig,
+                           {"port": lambda k, v: _port(ctx, k, v), "host": lambda k, v: _host(ctx, k, v)})
+
     cfg = Config(
         node=node,
         security=security,
@@ -340,6 +343,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         delivery=delivery,
         retention=retention,
         destinations=destinations,
+        http=http,
         source=path,
     )
     check_consistency(cfg, path)
@@ -364,6 +368,8 @@ def check_consistency(cfg: Config, path: Path) -> None:
             "security.allowed_calling_aets",
             "empty: list the AE titles allowed to send, or set allow_any_calling_aet = true",
         )
+    if cfg.http.enabled and cfg.http.port and cfg.http.port == cfg.node.port:
+        raise ctx.fail("http.port", f"is node.port ({cfg.node.port}) too: DICOM and HTTP need a port each")
     names = [d.label for d in cfg.destinations]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
@@ -379,6 +385,13 @@ def _ledger_url(ctx: _Ctx, key: str, value: Any, base: Path) -> str:
     if m and m.group(2) != ":memory:":
         return f"{m.group(1)}:///{base / m.group(2)}"
     return url
+
+
+def _host(ctx: _Ctx, key: str, value: Any) -> str:
+    v = _typed(ctx, key, value, str).strip()
+    if not v or any(c.isspace() for c in v):
+        raise ctx.fail(key, f"expected a host name or address, got {value!r}")
+    return v
 
 
 def _device(ctx: _Ctx, key: str, value: Any) -> str:

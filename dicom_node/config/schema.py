@@ -14,8 +14,9 @@ from typing import Any, Mapping
 from dicom_node.config.rules import DEFAULT_RULES, SelectionRule
 from vocab import Direction
 
-__all__ = ["Config", "ConfigError", "DeliveryConfig", "Destination", "ModelConfig", "NodeConfig", "OutputConfig",
-           "RetentionConfig", "SecurityConfig", "SeriesConfig", "StorageConfig", "TLSConfig", "WorkerConfig"]
+__all__ = ["Config", "ConfigError", "DeliveryConfig", "Destination", "HttpConfig", "ModelConfig", "NodeConfig",
+           "OutputConfig", "RetentionConfig", "SecurityConfig", "SeriesConfig", "StorageConfig", "TLSConfig",
+           "WorkerConfig"]
 
 
 class ConfigError(ValueError):
@@ -125,6 +126,15 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP listener of ``serve``: ``/metrics`` (Prometheus) and ``/healthz``."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 11180  # 11112 (DICOM) + HTTP; not Orthanc's 8042 nor a common Prometheus exporter port
+
+
+@dataclass(frozen=True)
 class Destination:
     ae_title: str
     host: str
@@ -150,6 +160,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     destinations: tuple[Destination, ...] = ()
+    http: HttpConfig = field(default_factory=HttpConfig)
     source: Path | None = None  # the file this came from
 
     @property
@@ -175,7 +186,8 @@ class Config:
             f"quiet_seconds={self.series.quiet_seconds} model={self.model.checkpoint} "
             f"device={self.model.device} engine={self.model.engine} workers={self.worker.processes} destinations={dests} "
             f"retention=spool {r.spool_days:g}d/output {r.output_days:g}d/ledger {r.ledger_days:g}d "
-            f"high_water={r.high_water_percent:g}% every {r.interval_minutes:g} min"
+            f"high_water={r.high_water_percent:g}% every {r.interval_minutes:g} min "
+            f"http={f'{self.http.host}:{self.http.port}' if self.http.enabled else 'off'}"
         )
 
     def with_overrides(self, **sections: Mapping[str, Any]) -> "Config":

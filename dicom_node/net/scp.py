@@ -14,7 +14,7 @@ import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
@@ -39,6 +39,27 @@ def storage_sop_classes() -> list[str]:
     return sorted({str(cx.abstract_syntax) for cx in AllStoragePresentationContexts})
 
 
+class ReceiveObserver(Protocol):
+    """Told about every association and instance this SCP handles (``/metrics`` counts them)."""
+
+    def association_accepted(self) -> None: ...
+
+    def association_rejected(self, reason: str) -> None: ...  # one of REJECTION_CODES' values, or "other"
+
+    def instance_received(self, outcome: str, nbytes: int) -> None: ...  # "stored", "duplicate" or "rejected"
+
+
+class _Unobserved:
+    def association_accepted(self) -> None:
+        pass
+
+    def association_rejected(self, reason: str) -> None:
+        pass
+
+    def instance_received(self, outcome: str, nbytes: int) -> None:
+        pass
+
+
 @dataclass
 class _AssocStats:
     calling_aet: str
@@ -55,9 +76,10 @@ class _AssocStats:
 class AssociationTracker:
     """Counts per association; knows which series active associations carry."""
 
-    def __init__(self, ledger: Ledger, complete_on_release: bool) -> None:
+    def __init__(self, ledger: Ledger, complete_on_release: bool, observer: ReceiveObserver | None = None) -> None:
         self.ledger = ledger
         self.complete_on_release = complete_on_release
+        self.observer: ReceiveObserver = observer or _Unobserved()
         self._lock = threading.Lock()
         self._stats: dict[int, _AssocStats] = {}
         self._carrying: Counter[str] = Counter()
@@ -69,8 +91,10 @@ class AssociationTracker:
         rq = event.assoc.requestor
         with self._lock:
             self._stats[id(event.assoc)] = _AssocStats(rq.ae_title, f"{rq.address}:{rq.port}")
+        self.observer.association_accepted()
 
     def stored(self, event: evt.Event, series_uid: str | None, ok: bool, duplicate: bool, nbytes: int) -> None:
+        self.observer.instance_received("rejected" if not ok else "duplicate" if duplicate else "stored", nbytes)
         with self._lock:
             st = self._stats.get(id(event.assoc))
             if st is None:
@@ -196,8 +220,10 @@ def connection_limits(cfg: Config) -> Limits:
                   max_pending=max(16, 4 * n.max_associations))
 
 
-def start_scp(cfg: Config, ledger: Ledger, intake: Intake) -> GuardedServer:
-    """Start the SCP in the background and return its server (``.shutdown()`` to stop)."""
+def start_scp(cfg: Config, ledger: Ledger, intake: Intake, observer: ReceiveObserver | None = None) -> GuardedServer:
+    """Start the SCP in the background and return its server (``.shutdown()`` to stop).
+
+    *observer* is told of every association and instance (see :class:`ReceiveObserver`)."""
     # Stream each received data set straight into the spool's incoming folder
     # (same file system as its final place, so it is renamed, not copied).
     _config.STORE_RECV_CHUNKED_DATASET = True
@@ -205,7 +231,7 @@ def start_scp(cfg: Config, ledger: Ledger, intake: Intake) -> GuardedServer:
     _config.LOG_HANDLER_LEVEL = "none"
 
     ae = build_ae(cfg)
-    tracker = AssociationTracker(ledger, cfg.series.complete_on_release)
+    tracker = AssociationTracker(ledger, cfg.series.complete_on_release, observer)
     admission = Admission(cfg.node.max_associations)
     handlers: list[evt.EventHandlerType] = [
         (evt.EVT_CONN_OPEN, tracker.opened),
@@ -215,7 +241,7 @@ def start_scp(cfg: Config, ledger: Ledger, intake: Intake) -> GuardedServer:
         (evt.EVT_C_STORE, make_store_handler(intake, tracker)),
         (evt.EVT_RELEASED, lambda e: tracker.ended(e, "released")),
         (evt.EVT_ABORTED, lambda e: tracker.ended(e, "aborted")),
-        (evt.EVT_REJECTED, make_rejection_handler(cfg, ledger)),
+        (evt.EVT_REJECTED, make_rejection_handler(cfg, ledger, tracker.observer)),
         (evt.EVT_CONN_CLOSE, tracker.closed),
         (evt.EVT_CONN_CLOSE, admission.closed),
     ]
@@ -225,6 +251,20 @@ def start_scp(cfg: Config, ledger: Ledger, intake: Intake) -> GuardedServer:
     assert isinstance(server, GuardedServer)
     server.start()
     return server
+
+
+#: (result, source, diagnostic) of an A-ASSOCIATE-RJ we send -> the short reason ``/metrics`` labels it with
+REJECTION_CODES: dict[tuple[int, int, int], str] = {
+    (0x01, 0x01, 0x03): "calling_aet_not_allowed",
+    (0x01, 0x01, 0x07): "called_aet_not_ours",
+    (0x02, 0x03, 0x02): "association_limit",
+}
+
+
+def rejection_code(result: int | None, source: int | None, diagnostic: int | None) -> str:
+    if result is None or source is None or diagnostic is None:
+        return "other"
+    return REJECTION_CODES.get((result, source, diagnostic), "other")
 
 
 def rejection_reason(cfg: Config, result: int | None, source: int | None, diagnostic: int | None,
@@ -239,8 +279,10 @@ def rejection_reason(cfg: Config, result: int | None, source: int | None, diagno
     return fallback or "no reason given"
 
 
-def make_rejection_handler(cfg: Config, ledger: Ledger) -> Callable[[evt.Event], None]:
+def make_rejection_handler(cfg: Config, ledger: Ledger,
+                           observer: ReceiveObserver | None = None) -> Callable[[evt.Event], None]:
     """Log and record every association we reject: called AE, calling AE, peer and why."""
+    seen: ReceiveObserver = observer or _Unobserved()
 
     def on_rejected(event: evt.Event) -> None:
         rq = event.assoc.requestor
@@ -255,6 +297,8 @@ def make_rejection_handler(cfg: Config, ledger: Ledger) -> Callable[[evt.Event],
                                   getattr(rj, "diagnostic", None), str(getattr(rj, "reason_str", "") or ""))
         log.warning("association rejected: called AE %r, calling AE %r, peer %s: %s, %s",
                     called, calling, peer, result, reason)
+        seen.association_rejected(rejection_code(getattr(rj, "result", None), getattr(rj, "result_source", None),
+                                                 getattr(rj, "diagnostic", None)))
         try:
             ledger.record_association_rejection(calling_aet=calling, called_aet=called, peer=peer, result=result,
                                                 reason=reason)

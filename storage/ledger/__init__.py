@@ -11,6 +11,7 @@ parts that own each responsibility:
 * :mod:`~storage.ledger.deliveries`: per-instance delivery outcomes per destination;
 * :mod:`~storage.ledger.read`: typed read models for ``status`` and anything else that reports;
 * :mod:`~storage.ledger.retention`: which series are settled (may lose files), and records of removals.
+* :mod:`~storage.ledger.tallies`: counts and stage-duration histograms for ``/metrics``.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from storage.ledger.read import (DeliveryCount, JobRunView, JobView, NoteView, R
                                  StatusView)
 from storage.ledger.retention import PruneTicket, Retention, SettledSeries
 from storage.ledger.receiving import InstanceConflict, InstanceRecord, Receiving, RecordOutcome, StoredInstance
+from storage.ledger.tallies import DeliveryTally, DurationTally, LedgerTallies, Tallies
 
 __all__ = [
     "ClaimedJob",
     "DeliveryCount",
+    "DeliveryTally",
+    "DurationTally",
     "DueSeries",
     "InstanceConflict",
     "InstanceRecord",
@@ -34,6 +38,7 @@ __all__ = [
     "JobView",
     "Ledger",
     "LedgerBase",
+    "LedgerTallies",
     "NoteView",
     "PruneTicket",
     "RecordOutcome",
@@ -48,5 +53,5 @@ __all__ = [
 ]
 
 
-class Ledger(Receiving, Completion, JobQueue, Deliveries, ReadSide, Retention):
+class Ledger(Receiving, Completion, JobQueue, Deliveries, ReadSide, Retention, Tallies):
     """The whole ledger (see the module docstring for which part owns what)."""
