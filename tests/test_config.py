@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.config import Classification, ConfigError, Direction, load_config
+from vocab import QCAction
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = """
@@ -36,7 +37,9 @@ def test_shipped_config_is_valid_and_documented() -> None:
     assert cfg.series.quiet_seconds == 10 and cfg.model.checkpoint == "default" and cfg.model.device == "auto"
     assert [(d.ae_title, d.host, d.port) for d in cfg.destinations] == [("PACS", "127.0.0.1", 4242)]
     readme = (REPO / "README.md").read_text()
-    for section in ("node", "security", "storage", "series", "model", "worker", "output", "delivery", "destinations"):
+    assert cfg.qc.enabled and cfg.qc.on_warn is QCAction.SEND and cfg.qc.on_fail is QCAction.HOLD
+    for section in ("node", "security", "storage", "series", "model", "worker", "output", "qc", "delivery",
+                    "destinations"):
         for key in _keys_of(section):
             assert f"`{key}`" in readme, f"README does not document {section}.{key}"
 
@@ -47,7 +50,7 @@ def _keys_of(section: str) -> list[str]:
     from dicom_node import config as c
 
     cls = {"node": c.NodeConfig, "security": c.SecurityConfig, "storage": c.StorageConfig, "series": c.SeriesConfig,
-           "model": c.ModelConfig, "worker": c.WorkerConfig, "output": c.OutputConfig, "delivery": c.DeliveryConfig,
+           "model": c.ModelConfig, "worker": c.WorkerConfig, "output": c.OutputConfig, "qc": c.QCConfig, "delivery": c.DeliveryConfig,
            "destinations": c.Destination}[section]
     return [f.name for f in fields(cls)]
 
@@ -78,6 +81,11 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
         (GOOD + "\n[[series.rules]]\nclassify = \"T1\"\ndescription = \"(\"\n", "series.rules[0].description: invalid regular"),
         (GOOD + "\n[security.tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n", "security.tls.cert: file not found"),
         (GOOD + "\n[output]\nuid_root = \"1.2.x.\"\n", "output.uid_root"),
+        (GOOD + "\n[qc]\non_fail = \"drop\"\n", "qc.on_fail: expected one of send, hold, got 'drop'"),
+        (GOOD + "\n[qc]\non_warn = true\n", "qc.on_warn: expected one of send, hold"),
+        (GOOD + "\n[qc]\nhold = true\n", "qc.hold: unknown key"),
+        (GOOD + "\n[qc]\nflip_every = 0\n", "qc.flip_every: must be > 0"),
+        (GOOD + "\n[qc]\nflip_warn = 0.5\nflip_fail = 0.2\n", "qc.flip_fail: must be >= flip_warn"),
         ("[node\n", "invalid TOML"),
     ],
 )
@@ -123,3 +131,11 @@ directions = ["t1-to-t2"]
     (rule,) = cfg.series.rules
     assert rule.classify is Classification.T1 and rule.echo_time_ms == (0.0, 20.0) and rule.scanning_sequence == ("SE", "GR")
     assert cfg.destinations[0].directions == (Direction.T1_TO_T2,)
+
+
+def test_qc_policy_parses_into_enums_once(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD + '\n[qc]\non_warn = "hold"\non_fail = "send"\nflip_every = 6\n'))
+    assert cfg.qc.on_warn is QCAction.HOLD and cfg.qc.on_fail is QCAction.SEND and cfg.qc.flip_every == 6
+    assert "qc=on(warn=hold,fail=send)" in cfg.summary()
+    off = load_config(write(tmp_path, GOOD + "\n[qc]\nenabled = false\n"))
+    assert not off.qc.enabled and off.qc.on_fail is QCAction.HOLD

@@ -10,8 +10,8 @@ The contrast vocabulary (:class:`Direction`, :class:`Classification`) lives in :
 from dicom_node.config.parse import load_config, parse_config
 from dicom_node.config.rules import DEFAULT_RULES, SelectionRule
 from dicom_node.config.schema import (Config, ConfigError, DeliveryConfig, Destination, ModelConfig, NodeConfig,
-                                      OutputConfig, SecurityConfig, SeriesConfig, StorageConfig, TLSConfig,
-                                      WorkerConfig)
+                                      OutputConfig, QCConfig, SecurityConfig, SeriesConfig, StorageConfig,
+                                      TLSConfig, WorkerConfig)
 from vocab import Classification, Direction
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "ModelConfig",
     "NodeConfig",
     "OutputConfig",
+    "QCConfig",
     "SecurityConfig",
     "SelectionRule",
     "SeriesConfig",

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dicom_node.config.rules import DEFAULT_RULES, SelectionRule
-from vocab import Direction
+from vocab import Direction, QCAction
 
 __all__ = ["Config", "ConfigError", "DeliveryConfig", "Destination", "ModelConfig", "NodeConfig", "OutputConfig",
-           "SecurityConfig", "SeriesConfig", "StorageConfig", "TLSConfig", "WorkerConfig"]
+           "QCConfig", "SecurityConfig", "SeriesConfig", "StorageConfig", "TLSConfig", "WorkerConfig"]
 
 
 class ConfigError(ValueError):
@@ -96,6 +96,18 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class QCConfig:
+    """Quality control of every synthetic series (:mod:`dicom_node.qc_stage`) and what a warn/fail verdict does."""
+
+    enabled: bool = True
+    on_warn: QCAction = QCAction.SEND
+    on_fail: QCAction = QCAction.HOLD
+    flip_every: int = 4  # the flip check predicts every n-th slice twice: about 2/n of the inference cost
+    flip_warn: float = 0.10  # flip disagreement (relative) above which the verdict is warn
+    flip_fail: float = 0.25  # ... and fail
+
+
+@dataclass(frozen=True)
 class DeliveryConfig:
     """Retry schedule: wait initial, initial*factor, ... (at most max) between attempts, until the
     waits add up to ``max_retry_hours`` (or ``max_attempts`` attempts were made, when that is > 0)."""
@@ -132,6 +144,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    qc: QCConfig = field(default_factory=QCConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     destinations: tuple[Destination, ...] = ()
     source: Path | None = None  # the file this came from
@@ -156,7 +169,9 @@ class Config:
             f"max_associations={self.node.max_associations} calling_aets={aets} "
             f"storage={self.storage.dir} ledger={_redact_url(self.storage.ledger_url)} "
             f"quiet_seconds={self.series.quiet_seconds} model={self.model.checkpoint} "
-            f"device={self.model.device} engine={self.model.engine} workers={self.worker.processes} destinations={dests}"
+            f"device={self.model.device} engine={self.model.engine} "
+            f"qc={'on' if self.qc.enabled else 'off'}(warn={self.qc.on_warn.value},fail={self.qc.on_fail.value}) "
+            f"workers={self.worker.processes} destinations={dests}"
         )
 
     def with_overrides(self, **sections: Mapping[str, Any]) -> "Config":

@@ -9,6 +9,7 @@ parts that own each responsibility:
   only succeeds if no new instance arrived meanwhile;
 * :mod:`~storage.ledger.jobs`: the job queue (claims, leases, runs, retries, supersession);
 * :mod:`~storage.ledger.deliveries`: per-instance delivery outcomes per destination;
+* :mod:`~storage.ledger.qc`: the quality control of each job's synthesis, and releasing a held job;
 * :mod:`~storage.ledger.read`: typed read models for ``status`` and anything else that reports.
 """
 
@@ -18,8 +19,9 @@ from storage.ledger.base import LedgerBase, iso, utcnow
 from storage.ledger.completion import Completion, DueSeries
 from storage.ledger.deliveries import Deliveries
 from storage.ledger.jobs import ClaimedJob, JobQueue, RetryOutcome
-from storage.ledger.read import (DeliveryCount, JobRunView, JobView, NoteView, ReadSide, RejectionView, SeriesView,
-                                 StatusView)
+from storage.ledger.qc import QualityRecords
+from storage.ledger.read import (DeliveryCount, JobRunView, JobView, NoteView, QCView, ReadSide, RejectionView,
+                                 SeriesView, StatusView)
 from storage.ledger.receiving import InstanceConflict, InstanceRecord, Receiving, RecordOutcome, StoredInstance
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "Ledger",
     "LedgerBase",
     "NoteView",
+    "QCView",
     "RecordOutcome",
     "RejectionView",
     "RetryOutcome",
@@ -44,5 +47,5 @@ __all__ = [
 ]
 
 
-class Ledger(Receiving, Completion, JobQueue, Deliveries, ReadSide):
+class Ledger(Receiving, Completion, JobQueue, Deliveries, QualityRecords, ReadSide):
     """The whole ledger (see the module docstring for which part owns what)."""
