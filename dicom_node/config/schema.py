@@ -102,7 +102,7 @@ class QCConfig:
     enabled: bool = True
     on_warn: QCAction = QCAction.SEND
     on_fail: QCAction = QCAction.HOLD
-    flip_every: int = 4  # the flip check predicts every n-th slice twice: about 2/n of the inference cost
+    flip_every: int = 6  # the flip check predicts every n-th slice twice: about 2/n of the network's cost
     flip_warn: float = 0.10  # flip disagreement (relative) above which the verdict is warn
     flip_fail: float = 0.25  # ... and fail
 
