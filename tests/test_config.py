@@ -99,7 +99,7 @@ def test_bad_configuration_names_file_key_and_problem(tmp_path: Path, text: str,
 
 def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD.replace("port = 11112", "port = 70000"))
-    for cmd in (["serve"], ["status"], ["worker"], ["retry", "1"]):
+    for cmd in (["serve"], ["status"], ["worker"], ["retry", "1"], ["release", "1"]):
         res = subprocess.run([sys.executable, "-m", "dicom_node.cli", *cmd, "--config", str(path)],
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 2, (cmd, res.stderr)

@@ -12,6 +12,7 @@ tested here, so its thresholds are set out of the way in ``[qc]``.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +109,9 @@ def test_a_failing_series_is_held_until_released_then_arrives_with_its_verdict(t
             assert held["qc"]["checks"]["intensity_histogram"]["verdict"] == "fail"
             assert set(held["qc"]["checks"]) >= {"intensity_histogram", "slice_thickness", "flip_disagreement"}
             assert "qc" in held["timings"] and held["output_instances"] == SHAPE[0]
-            assert held["deliveries"] == {} and delivered(tmp_path / "pacs", held["output_series_uid"]) == []
+            time.sleep(2)  # a worker polls every 0.5 s: had the job been claimable, it would have been sent by now
             assert node.status("--state", "held")["jobs"][0]["id"] == held["id"]
+            assert held["deliveries"] == {} and delivered(tmp_path / "pacs", held["output_series_uid"]) == []
             line = next(x for x in node.log().splitlines() if "held by QC" in x)
             assert f"job {held['id']} held by QC (fail): input intensities unlike the training data" in line
             assert "PHANTOM" not in node.log().upper()  # no patient data in the log
