@@ -116,7 +116,7 @@ def worker(config_path: Path) -> None:
 @config_option
 @click.option("--state", default=None, callback=lambda _c, _p, v: _valid_state(v),
               help="Only series/jobs in this state: receiving, selected, not_selected, queued, running, delivering, "
-                   "retrying, done, failed, superseded.")
+                   "retrying, held, done, failed, superseded.")
 @click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(config_path: Path, state: str | None, limit: int, as_json: bool) -> None:
@@ -155,7 +155,7 @@ def status(config_path: Path, state: str | None, limit: int, as_json: bool) -> N
 @click.option("--all-failed", is_flag=True, help="Retry every failed job.")
 @click.option("--force", is_flag=True, help="Also retry a job that is done (sends every instance again).")
 def retry(config_path: Path, job_id: int | None, all_failed: bool, force: bool) -> None:
-    """Start a new run of a failed job: re-send its built output if it is intact, else synthesize again.
+    """Start a new run of a failed (or held) job: re-send its built output if it is intact, else synthesize again.
 
     Only instances a destination has not confirmed are sent again.
     """
@@ -227,6 +227,27 @@ def prune(config_path: Path, dry_run: bool) -> None:
         ledger.close()
     for line in report.lines(cfg.retention):
         click.echo(line)
+
+
+@cli.command()
+@config_option
+@click.argument("job_id", type=int)
+def release(config_path: Path, job_id: int) -> None:
+    """Send a job that quality control held (state held): a worker delivers its built output."""
+    from storage.ledger import Ledger
+
+    cfg = read_config(config_path)
+    ledger = Ledger(cfg.storage.ledger_url)
+    try:
+        try:
+            ledger.release_job(job_id)
+        except (KeyError, ValueError) as exc:
+            raise UsageFailure(str(exc).strip("'\"")) from None
+        job = ledger.job(job_id)
+        n = job.output_instances if job else 0
+        click.echo(f"job {job_id} released: its built output ({n} instances) is sent to its destinations")
+    finally:
+        ledger.close()
 
 
 @cli.command()

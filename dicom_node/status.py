@@ -14,12 +14,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from storage.ledger import JobRunView, JobView, NoteView, RejectionView, SeriesView, StatusView, iso
+from storage.ledger import JobRunView, JobView, NoteView, QCView, RejectionView, SeriesView, StatusView, iso
 from vocab import RETRYING
 
 _STYLE = {"failed": "red", "done": "green", "not_selected": "dim", "receiving": "cyan", "delivering": "yellow",
-          "retrying": "yellow", "running": "yellow", "queued": "blue", "selected": "green", "superseded": "dim"}
-STAGES = ("waiting", "loading", "inference", "building", "sending")
+          "retrying": "yellow", "running": "yellow", "queued": "blue", "selected": "green", "superseded": "dim",
+          "held": "magenta", "pass": "green", "warn": "yellow", "fail": "red"}
+STAGES = ("waiting", "loading", "inference", "qc", "building", "sending")
 DEFAULT_WIDTH = 100  # when the output is not a terminal and COLUMNS is not set
 
 
@@ -38,6 +39,14 @@ def _run_json(r: JobRunView) -> dict[str, Any]:
             "finished_at": iso(r.finished_at), "timings": dict(r.timings)}
 
 
+def qc_json(q: QCView | None) -> dict[str, Any] | None:
+    """A job's quality control: ``{"verdict", "reasons", "checks", ...}``, or None when none ran."""
+    if q is None:
+        return None
+    return {"verdict": q.verdict, "reasons": list(q.reasons), "checks": dict(q.checks),
+            "model_identity": q.model_identity, "at": iso(q.created_at), "released_at": iso(q.released_at)}
+
+
 def job_json(j: JobView) -> dict[str, Any]:
     return {
         "id": j.id, "state": j.state, "direction": j.direction, "source_series_uid": j.source_series_uid,
@@ -46,7 +55,7 @@ def job_json(j: JobView) -> dict[str, Any]:
         "started_at": iso(j.started_at), "finished_at": iso(j.finished_at),
         "next_attempt_at": iso(j.next_attempt_at), "retrying": j.retrying, "timings": dict(j.timings),
         "deliveries": {d: f"{c.stored}/{c.total} stored" for d, c in j.deliveries.items()},
-        "previous_runs": [_run_json(r) for r in j.previous_runs],
+        "previous_runs": [_run_json(r) for r in j.previous_runs], "qc": qc_json(j.qc),
     }
 
 
@@ -112,6 +121,11 @@ def job_detail(j: dict[str, Any]) -> str:
         parts.append(f"retrying (next attempt at {_t(j.get('next_attempt_at'))} UTC, {j['attempts']} failed so far)")
     if j.get("error"):
         parts.append(j["error"])
+    qc = j.get("qc") or {}
+    if j["state"] == "held":
+        parts.append(f"held by QC ({qc.get('verdict', '?')}); `dicomnode release {j['id']}` sends it")
+    if qc.get("verdict") not in (None, "pass"):
+        parts.append(f"QC {qc['verdict']}: " + ("; ".join(qc.get("reasons") or []) or "no reason given"))
     return ": ".join(parts)
 
 
@@ -141,15 +155,17 @@ def render(data: dict[str, list[dict[str, Any]]], console: Console | None = None
 
     jt = Table(title="Jobs", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for col, kw in (("id", {"justify": "right", **fixed}), ("state", fixed), ("direction", fixed),
-                    ("source series", fixed), ("output series", fixed), ("stages", {"min_width": 15}),
+                    ("source series", fixed), ("output series", fixed), ("qc", fixed), ("stages", {"min_width": 15}),
                     ("delivered", {"ratio": 1})):
         jt.add_column(col, overflow="fold", **kw)
     details: list[tuple[int, str]] = []
     for j in data["jobs"]:
         delivered = "\n".join(f"{d}: {v}" for d, v in (j.get("deliveries") or {}).items())
+        verdict = (j.get("qc") or {}).get("verdict", "")
         jt.add_row(str(j["id"]), _state(job_state(j)), j["direction"], short_uid(j["source_series_uid"]),
-                   short_uid(j["output_series_uid"]), _timings(j.get("timings") or {}), escape(delivered))
-        if j["state"] != "done" and job_detail(j):
+                   short_uid(j["output_series_uid"]), _state(verdict) if verdict else "",
+                   _timings(j.get("timings") or {}), escape(delivered))
+        if (j["state"] != "done" or verdict not in ("", "pass")) and job_detail(j):
             details.append((j["id"], job_detail(j)))
     console.print(jt)
     for jid, text in details:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from dicom_node.monitoring.readiness import ReadyReport
     from dicom_node.volume import SeriesVolume
     from ml.inference import LoadedModel
+    from ml.qc import QCResult
 
 log = logging.getLogger(__name__)
 
@@ -73,29 +74,37 @@ class Synthesis:
 
 
 class QualityCheck(Protocol):
-    """The seam of a QC stage between *infer* and *build* (none is installed by default).
+    """The seam of the QC stage between *infer* and *build* (:class:`dicom_node.qc_stage.QCStage` by default).
 
-    Raise :class:`JobFailed` to stop the job with a reason; return to let it go on.
+    Return the verdict (the output carries it; ``[qc] on_warn``/``on_fail`` may hold the job), or
+    raise :class:`JobFailed` to stop the job with a reason.
     """
 
-    def __call__(self, job: ClaimedJob, series: LoadedSeries, synthesis: Synthesis) -> None: ...
+    def __call__(self, job: ClaimedJob, series: LoadedSeries, synthesis: Synthesis) -> QCResult: ...
 
 
 class Worker:
     """Runs jobs: load -> infer -> (qc) -> build -> write -> deliver, each stage timed in the ledger.
 
     Timing names: ``waiting`` (queued to claimed), ``loading``, ``inference``,
-    ``qc`` (when a check is installed), ``building`` (build and write),
-    ``sending``.
+    ``qc`` (unless ``[qc] enabled = false``), ``building`` (build and write),
+    ``sending``.  A job whose QC verdict the policy holds is built but not sent: it waits in state
+    ``held`` until ``dicomnode release``.
     """
 
     def __init__(self, cfg: Config, ledger: Ledger | None = None, *, qc: QualityCheck | None = None) -> None:
+        """*qc*: the QC stage; by default :class:`~dicom_node.qc_stage.QCStage` when ``[qc] enabled``."""
         self.cfg = cfg
         self.ledger = ledger or Ledger(cfg.storage.ledger_url)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.spool_root = cfg.spool_dir
         self.outputs = OutputTree(cfg.output_dir)
         self.dispatch = Dispatcher(cfg, self.ledger)
+        if qc is None and cfg.qc.enabled:
+            from dicom_node.qc_header import header_checks
+            from dicom_node.qc_stage import QCStage
+
+            qc = QCStage(cfg.qc, batch_size=cfg.model.batch_size, extra=(header_checks,))
         self.qc = qc
         self._models: dict[str, LoadedModel] = {}
 
@@ -174,6 +183,8 @@ class Worker:
         built = self._existing_output(job)
         if built is None:
             built = self._synthesize(job, direction, timings)
+            if built is None:  # held by quality control
+                return
         self._deliver(job, direction, built, timings)
 
     def _existing_output(self, job: ClaimedJob) -> BuiltOutput | None:
@@ -190,24 +201,31 @@ class Worker:
             return None
 
     # ------------------------------------------------------------ stages
-    def _synthesize(self, job: ClaimedJob, direction: Direction, timings: dict[str, float]) -> BuiltOutput:
+    def _synthesize(self, job: ClaimedJob, direction: Direction, timings: dict[str, float]) -> BuiltOutput | None:
+        """Load, infer, check, build and write; the built output, or None when QC holds the job."""
         with _timed(timings, "loading"):
             series = self._load(job)
         self.ledger.job_running(job.id, self.name, timings)
         with _timed(timings, "inference"):
             synthesis = self._infer(direction, series)
-        if self.qc is not None:
-            with _timed(timings, "qc"):
-                self.qc(job, series, synthesis)
+        qc = self._check(job, series, synthesis, timings)
         with _timed(timings, "building"):
-            datasets = self._build(direction, series, synthesis)
+            datasets = self._build(direction, series, synthesis, qc)
             files = self._write(job, datasets)
+        held = qc is not None and self._holds(qc) and not self.ledger.qc_released(job.id)
         self.ledger.job_built(job.id, self.name, output_dir=str(self.outputs.job_dir(job.id)),
                               output_series_uid=str(datasets[0].SeriesInstanceUID),
-                              output_instances=len(files), model_identity=synthesis.model.identity, timings=timings)
-        log.info("job %d: %s series %s -> %s, %d instances (load %.1f s, inference %.1f s, build %.1f s)",
+                              output_instances=len(files), model_identity=synthesis.model.identity, timings=timings,
+                              held=held)
+        log.info("job %d: %s series %s -> %s, %d instances (load %.1f s, inference %.1f s, qc %.1f s, build %.1f s)",
                  job.id, direction.value, job.source_series_uid, datasets[0].SeriesInstanceUID, len(files),
-                 timings.get("loading", 0), timings.get("inference", 0), timings.get("building", 0))
+                 timings.get("loading", 0), timings.get("inference", 0), timings.get("qc", 0),
+                 timings.get("building", 0))
+        if held:
+            assert qc is not None
+            log.warning("job %d held by QC (%s): %s; `dicomnode release %d` sends it", job.id, qc.verdict.value,
+                        "; ".join(qc.reasons) or "no reason given", job.id)
+            return None
         j = self.ledger.job(job.id)
         return check_output(files[0].parent if files else None, len(files), j.output_series_uid if j else None)
 
@@ -242,20 +260,37 @@ class Worker:
         synth = synthesize(model, vol.nifti_order(), vol.affine_ras(), batch_size=self.cfg.model.batch_size)
         return Synthesis(model, vol.from_nifti_order(synth))
 
-    def _build(self, direction: Direction, series: LoadedSeries, synthesis: Synthesis) -> list[Dataset]:
+    def _check(self, job: ClaimedJob, series: LoadedSeries, synthesis: Synthesis,
+               timings: dict[str, float]) -> QCResult | None:
+        """Stage *qc*: the verdict, recorded in the ledger (None when no QC stage is installed)."""
+        if self.qc is None:
+            return None
+        with _timed(timings, "qc"):
+            qc = self.qc(job, series, synthesis)
+        self.ledger.record_qc(job.id, verdict=qc.verdict.value, reasons=qc.reasons,
+                              checks=qc.to_dict()["checks"], model_identity=synthesis.model.identity)
+        return qc
+
+    def _holds(self, qc: QCResult) -> bool:
+        from dicom_node.qc_stage import holds
+
+        return holds(self.cfg.qc, qc.verdict)
+
+    def _build(self, direction: Direction, series: LoadedSeries, synthesis: Synthesis,
+               qc: QCResult | None = None) -> list[Dataset]:
         from dicom_node import __version__
         from dicom_node.build import ModelIdentity, build_synthetic_series
 
         pixels, model = synthesis.pixels, synthesis.model
         if self.cfg.output.burn_in_label:
-            from dicom_node.label import burn_in_label
+            from dicom_node.label import burn_in_label, synthetic_label
 
-            pixels = burn_in_label(pixels, f"SYNTHETIC {direction.target.value}")
+            pixels = burn_in_label(pixels, synthetic_label(direction.target.value, qc.verdict.value if qc else None))
         return build_synthetic_series(
             series.volume, pixels, direction=direction,
             model=ModelIdentity(name=model.name, version=model.version, identity=model.identity),
             output=self.cfg.output, node_ae_title=self.cfg.node.ae_title, window=model.window,
-            software_version=__version__, burned_in=self.cfg.output.burn_in_label, revision=series.revision,
+            software_version=__version__, burned_in=self.cfg.output.burn_in_label, revision=series.revision, qc=qc,
         )
 
     def _write(self, job: ClaimedJob, datasets: list[Dataset]) -> list[Path]:

@@ -274,16 +274,18 @@ class Assessment:
 
 
 def assess(model: LoadedModel, data: np.ndarray, affine: np.ndarray, *, batch_size: int = 16,
-           every: int = 4) -> "QCResult":
+           every: int = 4, flip_warn: float = 0.10, flip_fail: float = 0.25) -> "QCResult":
     """Quality control of synthesizing *data* with *model*: the input against the checkpoint's
     training reference (``qc_reference``; skipped when the checkpoint has none) and the
     left-right flip disagreement on every *every*-th slice (both predictions of those slices:
-    about ``2 / every`` of the inference cost, 50 % with the default).  Verdict thresholds: :mod:`ml.qc`."""
-    return assess_detail(model, data, affine, batch_size=batch_size, every=every).result
+    about ``2 / every`` of the inference cost, 50 % with the default).  Verdict thresholds: :mod:`ml.qc`;
+    the flip disagreement warns above *flip_warn* and fails above *flip_fail*."""
+    return assess_detail(model, data, affine, batch_size=batch_size, every=every, flip_warn=flip_warn,
+                         flip_fail=flip_fail).result
 
 
 def assess_detail(model: LoadedModel, data: np.ndarray, affine: np.ndarray, *, batch_size: int = 16,
-                  every: int = 4) -> Assessment:
+                  every: int = 4, flip_warn: float = 0.10, flip_fail: float = 0.25) -> Assessment:
     """:func:`assess` with the sampled predictions it measured (for calibrating the QC against the real error)."""
     from .qc import Check, Verdict, check_input, flip_disagreement, summarize
 
@@ -304,7 +306,7 @@ def assess_detail(model: LoadedModel, data: np.ndarray, affine: np.ndarray, *, b
         flipped = _predict_stacks(model, np.ascontiguousarray(stacks[:, :, ::-1]), batch_size)[:, ::-1]
         pred, flipped = np.moveaxis(pred, 0, 2), np.moveaxis(flipped, 0, 2)
         value = flip_disagreement(pred, np.ascontiguousarray(flipped), mask[:, :, ks])
-        warn, fail = 0.10, 0.25
+        warn, fail = flip_warn, flip_fail
         verdict = Verdict.FAIL if value > fail else Verdict.WARN if value > warn else Verdict.PASS
         checks.append(Check("flip_disagreement", value, f"warn > {warn}, fail > {fail}", verdict,
                             "" if verdict is Verdict.PASS else

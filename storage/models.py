@@ -11,7 +11,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from vocab.states import ACTIVE_JOB_STATES, JobState, SeriesState
 
 __all__ = ["ACTIVE_JOB_STATES", "AssociationRejection", "Base", "Delivery", "Instance", "Job", "JobRun", "JobState", "Meta",
-           "Note", "Prune", "Rejection", "Series", "SeriesState"]
+           "Note", "Prune", "QCRecord", "Rejection", "Series", "SeriesState"]
 
 
 class Base(DeclarativeBase):
@@ -173,3 +173,17 @@ class Prune(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, index=True)
 
     __table_args__ = (UniqueConstraint("series_id", "generation", "what"),)
+
+
+class QCRecord(Base):
+    """The quality control of a job's synthesis (one row per job; a new synthesis of the job replaces it)."""
+
+    __tablename__ = "qc_results"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    verdict: Mapped[str] = mapped_column(String(8))  # pass / warn / fail
+    reasons: Mapped[list[str]] = mapped_column(JSON, default=list)
+    checks: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # name -> value, threshold, verdict, reason
+    model_identity: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    released_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)  # ``dicomnode release``

@@ -104,6 +104,8 @@ class Store:
                         s.add(j)
                         s.flush()
                         job_ids.append(j.id)
+        for jid in job_ids:  # every synthesis is quality-controlled, so every job has a QC row
+            self.ledger.record_qc(jid, verdict="pass", reasons=[], checks={}, model_identity="test")
         con = sqlite3.connect(self.db)
         try:
             for jid, state in zip(job_ids, job_states):

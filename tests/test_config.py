@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.config import Classification, ConfigError, Direction, load_config
+from vocab import QCAction
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = """
@@ -36,8 +37,9 @@ def test_shipped_config_is_valid_and_documented() -> None:
     assert cfg.series.quiet_seconds == 10 and cfg.model.checkpoint == "default" and cfg.model.device == "auto"
     assert [(d.ae_title, d.host, d.port) for d in cfg.destinations] == [("PACS", "127.0.0.1", 4242)]
     readme = (REPO / "README.md").read_text()
-    for section in ("node", "security", "storage", "series", "model", "worker", "output", "delivery", "destinations",
-                    "retention"):
+    assert cfg.qc.enabled and cfg.qc.on_warn is QCAction.SEND and cfg.qc.on_fail is QCAction.HOLD
+    for section in ("node", "security", "storage", "series", "model", "worker", "output", "qc", "delivery",
+                    "destinations", "retention"):
         for key in _keys_of(section):
             assert f"`{key}`" in readme, f"README does not document {section}.{key}"
 
@@ -48,8 +50,8 @@ def _keys_of(section: str) -> list[str]:
     from dicom_node import config as c
 
     cls = {"node": c.NodeConfig, "security": c.SecurityConfig, "storage": c.StorageConfig, "series": c.SeriesConfig,
-           "model": c.ModelConfig, "worker": c.WorkerConfig, "output": c.OutputConfig, "delivery": c.DeliveryConfig,
-           "destinations": c.Destination, "retention": c.RetentionConfig}[section]
+           "model": c.ModelConfig, "worker": c.WorkerConfig, "output": c.OutputConfig, "qc": c.QCConfig,
+           "delivery": c.DeliveryConfig, "destinations": c.Destination, "retention": c.RetentionConfig}[section]
     return [f.name for f in fields(cls)]
 
 
@@ -83,6 +85,11 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
         (GOOD + "\n[retention]\nhigh_water_percent = 120\n", "retention.high_water_percent: must be 0-100"),
         (GOOD + "\n[retention]\noutput_days = -1\n", "retention.output_days: must be >= 0"),
         (GOOD + "\n[retention]\nkeep = 1\n", "retention.keep: unknown key"),
+        (GOOD + "\n[qc]\non_fail = \"drop\"\n", "qc.on_fail: expected one of send, hold, got 'drop'"),
+        (GOOD + "\n[qc]\non_warn = true\n", "qc.on_warn: expected one of send, hold"),
+        (GOOD + "\n[qc]\nhold = true\n", "qc.hold: unknown key"),
+        (GOOD + "\n[qc]\nflip_every = 0\n", "qc.flip_every: must be > 0"),
+        (GOOD + "\n[qc]\nflip_warn = 0.5\nflip_fail = 0.2\n", "qc.flip_fail: must be >= flip_warn"),
         ("[node\n", "invalid TOML"),
     ],
 )
@@ -96,7 +103,7 @@ def test_bad_configuration_names_file_key_and_problem(tmp_path: Path, text: str,
 
 def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD.replace("port = 11112", "port = 70000"))
-    for cmd in (["serve"], ["status"], ["worker"], ["retry", "1"]):
+    for cmd in (["serve"], ["status"], ["worker"], ["retry", "1"], ["release", "1"]):
         res = subprocess.run([sys.executable, "-m", "dicom_node.cli", *cmd, "--config", str(path)],
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 2, (cmd, res.stderr)
@@ -128,3 +135,11 @@ directions = ["t1-to-t2"]
     (rule,) = cfg.series.rules
     assert rule.classify is Classification.T1 and rule.echo_time_ms == (0.0, 20.0) and rule.scanning_sequence == ("SE", "GR")
     assert cfg.destinations[0].directions == (Direction.T1_TO_T2,)
+
+
+def test_qc_policy_parses_into_enums_once(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD + '\n[qc]\non_warn = "hold"\non_fail = "send"\nflip_every = 6\n'))
+    assert cfg.qc.on_warn is QCAction.HOLD and cfg.qc.on_fail is QCAction.SEND and cfg.qc.flip_every == 6
+    assert "qc=on(warn=hold,fail=send)" in cfg.summary()
+    off = load_config(write(tmp_path, GOOD + "\n[qc]\nenabled = false\n"))
+    assert not off.qc.enabled and off.qc.on_fail is QCAction.HOLD

@@ -54,6 +54,12 @@ def job_of(node: NodeProcess, series_uid: str, states: tuple[str, ...], timeout:
     return next(j for j in st["jobs"] if j["source_series_uid"] == series_uid and j["state"] in states)
 
 
+def qc_flag(job: dict[str, Any]) -> str:
+    """What a job's QC verdict appends to SeriesDescription ("" for pass)."""
+    verdict = job["qc"]["verdict"]
+    return "" if verdict == "pass" else f" QC {verdict.upper()}"
+
+
 def synthetic_in_orthanc(pacs: OrthancServer, study_uid: str) -> list[dict[str, Any]]:
     return [s for s in pacs.series_of_study(study_uid)
             if str(s["MainDicomTags"].get("SeriesDescription", "")).startswith("SYNTHETIC")]
@@ -229,8 +235,9 @@ def test_a_late_instance_gives_a_new_synthetic_series_and_never_reuses_an_instan
                 for d in got:  # no mixed pixels: what the PACS holds is what this job built
                     assert d.PixelData == built[d.SOPInstanceUID].PixelData
             # the archive user sees which is current; the ledger marks the old one superseded
-            assert {d.SeriesDescription for d in old} == {"SYNTHETIC T2 (AI) from t1_se_tra"}
-            assert {d.SeriesDescription for d in new} == {"SYNTHETIC T2 (AI) from t1_se_tra v2"}
+            # (a QC verdict other than pass is named after it: the phantom may warn, see test_qc_e2e.py)
+            assert {d.SeriesDescription for d in old} == {"SYNTHETIC T2 (AI) from t1_se_tra" + qc_flag(first)}
+            assert {d.SeriesDescription for d in new} == {"SYNTHETIC T2 (AI) from t1_se_tra v2" + qc_flag(second)}
             assert all(f"replaces synthetic series {first['output_series_uid']}" in d.ImageComments for d in new)
             assert jobs[first["id"]]["state"] == "superseded"
             assert f"superseded by job {second['id']}" in jobs[first["id"]]["error"]

@@ -33,3 +33,24 @@ def test_label_value_defaults_to_a_bright_level_and_small_images_work() -> None:
 def test_label_rejects_float_pixels() -> None:
     with pytest.raises(ValueError, match="pixels"):
         burn_in_label(np.zeros((1, 8, 8), np.float32))
+
+
+def test_a_qc_verdict_other_than_pass_is_named_in_the_label() -> None:
+    from dicom_node.label import synthetic_label
+
+    assert synthetic_label("T2") == synthetic_label("T2", "pass") == "SYNTHETIC T2"
+    assert synthetic_label("T2", "warn") == "SYNTHETIC T2 - QC WARN"
+    assert synthetic_label("T1", "fail") == "SYNTHETIC T1 - QC FAIL"
+
+
+def test_a_label_wider_than_a_small_image_is_broken_into_lines_and_stays_inside_it() -> None:
+    from dicom_node.label import label_mask
+
+    ink_one, box_one = label_mask(64, 64, "SYNTHETIC T2")
+    ink, box = label_mask(64, 64, "SYNTHETIC T2 - QC WARN")
+    rows_one, rows_two = np.nonzero(box_one.any(axis=1))[0], np.nonzero(box.any(axis=1))[0]
+    assert rows_two.max() > rows_one.max() + 4  # a second line below the first
+    assert not ink[:, -1].any()  # nothing cut off at the right edge
+    assert not np.array_equal(ink, ink_one)
+    wide_ink, _ = label_mask(256, 512, "SYNTHETIC T2 - QC WARN")  # fits on one line
+    assert np.nonzero(wide_ink.any(axis=1))[0].max() < 256 // 20 + 8

@@ -92,3 +92,25 @@ def test_the_table_is_readable_at_100_columns(tmp_path: Path) -> None:
     for stage in ("waiting", "inference", "sending"):  # full stage names
         assert f"{stage} " in out
     assert "retrying (next attempt at" in out and "cannot connect" in out
+
+
+def test_the_qc_verdict_and_reasons_are_shown_within_100_columns_and_in_json(tmp_path: Path) -> None:
+    node = make_node(tmp_path / "node", [])
+    plain, _ = node.add_built_job(slices=4)
+    warned, _ = node.add_built_job(slices=4)
+    reason = "slice spacing 5 mm outside the training range 3-3 mm"
+    node.ledger.record_qc(warned, verdict="warn", reasons=[reason, "unstable prediction (mirrored input changes it "
+                                                                   "by 14 %)"],
+                          checks={"slice_thickness": {"value": 5.0, "threshold": "[2, 4.5] mm", "verdict": "warn",
+                                                      "reason": reason}}, model_identity="tiny-1-abc")
+    node.run_worker(lambda st: all(j["state"] == "done" for j in st["jobs"]))
+    jobs = {j["id"]: j for j in json.loads(node.cli("status", "--json").stdout)["jobs"]}
+    assert jobs[plain]["qc"] is None
+    assert jobs[warned]["qc"]["verdict"] == "warn" and jobs[warned]["qc"]["reasons"][0] == reason
+    assert jobs[warned]["qc"]["checks"]["slice_thickness"]["value"] == 5.0
+    out = node.cli("status", env={"COLUMNS": "100"}).stdout
+    assert max(len(line) for line in out.splitlines()) <= 100
+    header = next(x for x in out.splitlines() if "direction" in x)
+    assert " qc " in header and any(x.startswith(f"  {warned} ") and " warn " in x for x in out.splitlines())
+    assert f"job {warned}: QC warn: {reason}; unstable prediction" in out.replace("\n", " ").replace("  ", " ")
+    assert f"job {plain}:" not in out

@@ -6,8 +6,8 @@ every one of them (``ml/`` included) can import it.
 
 from vocab.contrast import DIRECTIONS, Classification, Direction
 from vocab.dimse import StoreStatus
-from vocab.states import (ACTIVE_JOB_STATES, RETRYING, STATUS_FILTERS, CompletionTrigger, DeliveryOutcome, JobState,
-                          SeriesState)
+from vocab.states import (ACTIVE_JOB_STATES, RETRYING, STATUS_FILTERS, UNFINISHED_JOB_STATES, CompletionTrigger,
+                          DeliveryOutcome, JobState, QCAction, SeriesState)
 
 __all__ = [
     "ACTIVE_JOB_STATES",
@@ -17,8 +17,10 @@ __all__ = [
     "DeliveryOutcome",
     "Direction",
     "JobState",
+    "QCAction",
     "RETRYING",
     "STATUS_FILTERS",
     "SeriesState",
     "StoreStatus",
+    "UNFINISHED_JOB_STATES",
 ]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["ACTIVE_JOB_STATES", "RETRYING", "STATUS_FILTERS", "CompletionTrigger", "DeliveryOutcome", "JobState",
-           "SeriesState"]
+__all__ = ["ACTIVE_JOB_STATES", "RETRYING", "STATUS_FILTERS", "UNFINISHED_JOB_STATES", "CompletionTrigger",
+           "DeliveryOutcome", "JobState", "QCAction", "SeriesState"]
 
 
 class SeriesState(str, enum.Enum):
@@ -18,6 +18,8 @@ class JobState(str, enum.Enum):
     QUEUED = "queued"
     RUNNING = "running"  # loading, inference, building
     DELIVERING = "delivering"  # output built; sending (or waiting to retry)
+    # output built, not delivered: quality control held it (``dicomnode release`` sends it); no worker takes it
+    HELD = "held"
     DONE = "done"
     FAILED = "failed"
     # a newer job covers it: the series grew before this job started, or a job of a later generation
@@ -27,6 +29,10 @@ class JobState(str, enum.Enum):
 
 #: the states of a job that is not finished (stored as their values)
 ACTIVE_JOB_STATES: tuple[str, ...] = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.DELIVERING.value)
+
+#: the states of a job whose synthetic series has not reached its destinations yet and still may (active or held):
+#: what retention and anything else that cleans up must leave alone
+UNFINISHED_JOB_STATES: tuple[str, ...] = (*ACTIVE_JOB_STATES, JobState.HELD.value)
 
 #: not a stored state: a delivering job whose last delivery attempt failed and whose next one is scheduled
 RETRYING = "retrying"
@@ -49,3 +55,10 @@ class DeliveryOutcome(str, enum.Enum):
     DELIVERED = "delivered"  # every destination stored every instance: the job is done
     RETRY_LATER = "retry_later"  # only retryable failures, and the retry window is not spent
     FAILED = "failed"  # a permanent failure, or retries gave up
+
+
+class QCAction(str, enum.Enum):
+    """What the node does with a built series whose quality control did not pass (``[qc] on_warn``/``on_fail``)."""
+
+    SEND = "send"  # deliver it (the verdict travels in ImageComments and the label)
+    HOLD = "hold"  # keep it in state ``held`` until ``dicomnode release``

@@ -10,8 +10,8 @@ The contrast vocabulary (:class:`Direction`, :class:`Classification`) lives in :
 from dicom_node.config.parse import load_config, parse_config
 from dicom_node.config.rules import DEFAULT_RULES, SelectionRule
 from dicom_node.config.schema import (Config, ConfigError, DeliveryConfig, Destination, HttpConfig, ModelConfig,
-                                      NodeConfig, OutputConfig, RetentionConfig, SecurityConfig, SeriesConfig,
-                                      StorageConfig, TLSConfig, WorkerConfig)
+                                      NodeConfig, OutputConfig, QCConfig, RetentionConfig, SecurityConfig,
+                                      SeriesConfig, StorageConfig, TLSConfig, WorkerConfig)
 from vocab import Classification, Direction
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "NodeConfig",
     "OutputConfig",
     "RetentionConfig",
+    "QCConfig",
     "SecurityConfig",
     "SelectionRule",
     "SeriesConfig",

@@ -16,9 +16,9 @@ from typing import Any, Mapping, TypeVar, cast
 
 from dicom_node.config.rules import SelectionRule
 from dicom_node.config.schema import (Config, ConfigError, DeliveryConfig, Destination, HttpConfig, ModelConfig,
-                                      NodeConfig, OutputConfig, RetentionConfig, SecurityConfig, SeriesConfig,
-                                      StorageConfig, TLSConfig, WorkerConfig)
-from vocab import Classification, Direction
+                                      NodeConfig, OutputConfig, QCConfig, RetentionConfig, SecurityConfig,
+                                      SeriesConfig, StorageConfig, TLSConfig, WorkerConfig)
+from vocab import Classification, Direction, QCAction
 
 __all__ = ["check_consistency", "load_config", "parse_config"]
 
@@ -221,7 +221,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
     """Validate a parsed TOML document into a :class:`Config`."""
     ctx = _Ctx(path)
     base = path.parent.resolve()
-    known = {"node", "security", "storage", "series", "model", "worker", "output", "delivery", "destinations",
+    known = {"node", "security", "storage", "series", "model", "worker", "output", "qc", "delivery", "destinations",
              "retention", "http"}
     _unknown(ctx, "", data, known)
 
@@ -303,6 +303,21 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
             "series_description": lambda k, v: _template(ctx, k, v),
         },
     )
+    qc = _simple_section(
+        ctx,
+        "qc",
+        data.get("qc", {}),
+        QCConfig,
+        {
+            "on_warn": lambda k, v: _enum(ctx, k, v, QCAction),
+            "on_fail": lambda k, v: _enum(ctx, k, v, QCAction),
+            "flip_every": lambda k, v: _positive(ctx, k, v, int),
+            "flip_warn": lambda k, v: _positive(ctx, k, v, float),
+            "flip_fail": lambda k, v: _positive(ctx, k, v, float),
+        },
+    )
+    if qc.flip_fail < qc.flip_warn:
+        raise ctx.fail("qc.flip_fail", f"must be >= flip_warn ({qc.flip_warn:g}), got {qc.flip_fail:g}")
     delivery = _simple_section(
         ctx,
         "delivery",
@@ -340,6 +355,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         model=model,
         worker=worker,
         output=output,
+        qc=qc,
         delivery=delivery,
         retention=retention,
         destinations=destinations,

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dicom_node.config.rules import DEFAULT_RULES, SelectionRule
-from vocab import Direction
+from vocab import Direction, QCAction
 
 __all__ = ["Config", "ConfigError", "DeliveryConfig", "Destination", "HttpConfig", "ModelConfig", "NodeConfig",
-           "OutputConfig", "RetentionConfig", "SecurityConfig", "SeriesConfig", "StorageConfig", "TLSConfig",
-           "WorkerConfig"]
+           "OutputConfig", "QCConfig", "RetentionConfig", "SecurityConfig", "SeriesConfig", "StorageConfig",
+           "TLSConfig", "WorkerConfig"]
 
 
 class ConfigError(ValueError):
@@ -97,6 +97,18 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class QCConfig:
+    """Quality control of every synthetic series (:mod:`dicom_node.qc_stage`) and what a warn/fail verdict does."""
+
+    enabled: bool = True
+    on_warn: QCAction = QCAction.SEND
+    on_fail: QCAction = QCAction.HOLD
+    flip_every: int = 6  # the flip check predicts every n-th slice twice: about 2/n of the network's cost
+    flip_warn: float = 0.10  # flip disagreement (relative) above which the verdict is warn
+    flip_fail: float = 0.25  # ... and fail
+
+
+@dataclass(frozen=True)
 class DeliveryConfig:
     """Retry schedule: wait initial, initial*factor, ... (at most max) between attempts, until the
     waits add up to ``max_retry_hours`` (or ``max_attempts`` attempts were made, when that is > 0)."""
@@ -157,6 +169,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    qc: QCConfig = field(default_factory=QCConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     destinations: tuple[Destination, ...] = ()
@@ -184,7 +197,9 @@ class Config:
             f"max_associations={self.node.max_associations} calling_aets={aets} "
             f"storage={self.storage.dir} ledger={_redact_url(self.storage.ledger_url)} "
             f"quiet_seconds={self.series.quiet_seconds} model={self.model.checkpoint} "
-            f"device={self.model.device} engine={self.model.engine} workers={self.worker.processes} destinations={dests} "
+            f"device={self.model.device} engine={self.model.engine} "
+            f"qc={'on' if self.qc.enabled else 'off'}(warn={self.qc.on_warn.value},fail={self.qc.on_fail.value}) "
+            f"workers={self.worker.processes} destinations={dests} "
             f"retention=spool {r.spool_days:g}d/output {r.output_days:g}d/ledger {r.ledger_days:g}d "
             f"high_water={r.high_water_percent:g}% every {r.interval_minutes:g} min "
             f"http={f'{self.http.host}:{self.http.port}' if self.http.enabled else 'off'}"

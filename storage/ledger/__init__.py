@@ -9,6 +9,7 @@ parts that own each responsibility:
   only succeeds if no new instance arrived meanwhile;
 * :mod:`~storage.ledger.jobs`: the job queue (claims, leases, runs, retries, supersession);
 * :mod:`~storage.ledger.deliveries`: per-instance delivery outcomes per destination;
+* :mod:`~storage.ledger.qc`: the quality control of each job's synthesis, and releasing a held job;
 * :mod:`~storage.ledger.read`: typed read models for ``status`` and anything else that reports;
 * :mod:`~storage.ledger.retention`: which series are settled (may lose files), and records of removals.
 * :mod:`~storage.ledger.tallies`: counts and stage-duration histograms for ``/metrics``.
@@ -20,8 +21,9 @@ from storage.ledger.base import LedgerBase, iso, utcnow
 from storage.ledger.completion import Completion, DueSeries
 from storage.ledger.deliveries import Deliveries
 from storage.ledger.jobs import ClaimedJob, JobQueue, RetryOutcome
-from storage.ledger.read import (DeliveryCount, JobRunView, JobView, NoteView, ReadSide, RejectionView, SeriesView,
-                                 StatusView)
+from storage.ledger.qc import QualityRecords
+from storage.ledger.read import (DeliveryCount, JobRunView, JobView, NoteView, QCView, ReadSide, RejectionView,
+                                 SeriesView, StatusView)
 from storage.ledger.retention import PruneTicket, Retention, SettledSeries
 from storage.ledger.receiving import InstanceConflict, InstanceRecord, Receiving, RecordOutcome, StoredInstance
 from storage.ledger.tallies import DeliveryTally, DurationTally, LedgerTallies, Tallies
@@ -41,6 +43,7 @@ __all__ = [
     "LedgerTallies",
     "NoteView",
     "PruneTicket",
+    "QCView",
     "RecordOutcome",
     "RejectionView",
     "RetryOutcome",
@@ -53,5 +56,5 @@ __all__ = [
 ]
 
 
-class Ledger(Receiving, Completion, JobQueue, Deliveries, ReadSide, Retention, Tallies):
+class Ledger(Receiving, Completion, JobQueue, Deliveries, QualityRecords, ReadSide, Retention, Tallies):
     """The whole ledger (see the module docstring for which part owns what)."""

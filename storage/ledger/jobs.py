@@ -113,11 +113,13 @@ class JobQueue(LedgerBase):
         return self._update_owned(job_id, worker, timings=timings, **values)
 
     def job_built(self, job_id: int, worker: str, *, output_dir: str, output_series_uid: str,
-                  output_instances: int, model_identity: str, timings: dict[str, float]) -> bool:
+                  output_instances: int, model_identity: str, timings: dict[str, float], held: bool = False) -> bool:
+        """The output is written: on to delivery, or (*held*, in the same transaction) held by quality control."""
+        extra: dict[str, Any] = {"state": JobState.HELD.value, "lease_expires_at": None} if held else {
+            "state": JobState.DELIVERING.value}
         return self._update_owned(
-            job_id, worker, state=JobState.DELIVERING.value, output_dir=output_dir,
-            output_series_uid=output_series_uid, output_instances=output_instances,
-            model_identity=model_identity, timings=timings, error=None,
+            job_id, worker, output_dir=output_dir, output_series_uid=output_series_uid,
+            output_instances=output_instances, model_identity=model_identity, timings=timings, error=None, **extra,
         )
 
     def job_done(self, job_id: int, worker: str, timings: dict[str, float]) -> bool:
@@ -140,8 +142,10 @@ class JobQueue(LedgerBase):
                 j.state = JobState.SUPERSEDED.value
                 j.error = f"superseded by job {newer.id} (synthetic series {newer.output_series_uid})"
                 return True
+            # a held job of an older generation is covered too (releasing it would send a stale series)
             s.execute(update(Job).where(same, Job.generation <= j.generation,
-                                        Job.state.in_([JobState.DONE.value, JobState.FAILED.value]))
+                                        Job.state.in_([JobState.DONE.value, JobState.FAILED.value,
+                                                       JobState.HELD.value]))
                       .values(state=JobState.SUPERSEDED.value,
                               error=f"superseded by job {j.id} (synthetic series {j.output_series_uid})"))
             return True
@@ -172,13 +176,14 @@ class JobQueue(LedgerBase):
                                   timings=timings)
 
     def retry_job(self, job_id: int, *, resend: bool, force: bool = False) -> RetryOutcome:
-        """Start a new run of a failed job (or, with *force*, a done one).
+        """Start a new run of a failed or held job (or, with *force*, a done one).
 
         With *resend* (its built output is intact) the job goes straight to
         delivery and only instances not yet stored at a destination are sent
         (all of them again for a forced done job); otherwise it is synthesized
         from the start.  The ended run's attempts, timings and error are kept
-        in ``job_runs``; the new run starts from zero.
+        in ``job_runs``; the new run starts from zero.  A held job resent this way is sent as it is
+        (the operator's decision, as ``release``); synthesized again, its new quality control decides.
         """
         now = utcnow()
         with self.session() as s, s.begin():
@@ -187,7 +192,7 @@ class JobQueue(LedgerBase):
                 raise KeyError(f"no job {job_id}")
             prev = j.state
             if prev in ACTIVE_JOB_STATES:
-                raise ValueError(f"job {job_id} is {prev}; only failed or done jobs can be retried")
+                raise ValueError(f"job {job_id} is {prev}; only failed, held or done jobs can be retried")
             if prev == JobState.DONE.value and not force:
                 raise ValueError(f"job {job_id} is done (every instance delivered); --force sends it again")
             if prev == JobState.SUPERSEDED.value:

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Sequence
+from typing import Any, Sequence
 
 from sqlalchemy import case, false, func, select
 
 from storage.ledger.base import LedgerBase, iso
-from storage.models import AssociationRejection, Delivery, Instance, Job, JobRun, Note, Rejection, Series
+from storage.models import AssociationRejection, Delivery, Instance, Job, JobRun, Note, QCRecord, Rejection, Series
 from vocab import RETRYING, JobState
 
-__all__ = ["DeliveryCount", "JobRunView", "JobView", "NoteView", "ReadSide", "RejectionView", "SeriesView",
-           "StatusView"]
+__all__ = ["DeliveryCount", "JobRunView", "JobView", "NoteView", "QCView", "ReadSide", "RejectionView",
+           "SeriesView", "StatusView"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,19 @@ class JobRunView:
 
 
 @dataclass(frozen=True)
+class QCView:
+    """The quality control of a job's synthesis: the verdict, why, and every check (name -> value, threshold,
+    verdict, reason)."""
+
+    verdict: str
+    reasons: tuple[str, ...]
+    checks: dict[str, dict[str, Any]]
+    model_identity: str | None
+    created_at: datetime
+    released_at: datetime | None = None
+
+
+@dataclass(frozen=True)
 class JobView:
     id: int
     state: str
@@ -75,6 +88,7 @@ class JobView:
     timings: dict[str, float]
     deliveries: dict[str, DeliveryCount] = field(default_factory=dict)  # per destination
     previous_runs: tuple[JobRunView, ...] = ()
+    qc: QCView | None = None  # None: no quality control ran (yet)
 
 
 @dataclass(frozen=True)
@@ -143,6 +157,7 @@ class ReadSide(LedgerBase):
             ids = [j.id for j in job_rows]
             counts: dict[int, dict[str, DeliveryCount]] = {}
             runs: dict[int, list[JobRunView]] = {}
+            qcs: dict[int, QCView] = {}
             if ids:
                 for jid, dest, stored, total in s.execute(
                     select(Delivery.job_id, Delivery.destination,
@@ -155,13 +170,18 @@ class ReadSide(LedgerBase):
                                    .order_by(JobRun.id)) if self.has_table("job_runs") else ():
                     runs.setdefault(r.job_id, []).append(JobRunView(r.state, r.error, r.attempts, r.started_at,
                                                                     r.finished_at, dict(r.timings or {})))
+                for q in s.scalars(select(QCRecord).where(QCRecord.job_id.in_(ids))) if self.has_table("qc_results") \
+                        else ():
+                    qcs[q.job_id] = QCView(q.verdict, tuple(q.reasons or ()), dict(q.checks or {}), q.model_identity,
+                                           q.created_at, q.released_at)
             delivering = JobState.DELIVERING.value
             jobs = [
                 JobView(j.id, j.state, j.direction, j.source_series_uid, j.output_series_uid, j.output_instances,
                         j.error, j.attempts, j.worker, j.created_at, j.started_at, j.finished_at,
                         next_attempt_at=j.next_attempt_at if j.state == delivering else None,
                         retrying=j.state == delivering and j.attempts > 0, timings=dict(j.timings or {}),
-                        deliveries=counts.get(j.id, {}), previous_runs=tuple(runs.get(j.id, [])))
+                        deliveries=counts.get(j.id, {}), previous_runs=tuple(runs.get(j.id, [])),
+                        qc=qcs.get(j.id))
                 for j in job_rows
             ]
             rejections = [

@@ -23,7 +23,7 @@ from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from storage.ledger.base import LedgerBase, utcnow
-from storage.models import Delivery, Instance, Job, JobRun, Note, Prune, Series
+from storage.models import Delivery, Instance, Job, JobRun, Note, Prune, QCRecord, Series
 from vocab import JobState, SeriesState
 
 __all__ = ["PRUNABLE_JOB_STATES", "SETTLED_SERIES_STATES", "PruneTicket", "Retention", "SettledSeries"]
@@ -197,6 +197,7 @@ class Retention(LedgerBase):
             jobs = select(Job.id).where(Job.series_id == series_id)
             s.execute(delete(Delivery).where(Delivery.job_id.in_(jobs)))
             s.execute(delete(JobRun).where(JobRun.job_id.in_(jobs)))
+            s.execute(delete(QCRecord).where(QCRecord.job_id.in_(jobs)))
             s.execute(delete(Job).where(Job.series_id == series_id))
             s.execute(delete(Prune).where(Prune.series_id == series_id))
             s.execute(delete(Note).where(Note.series_uid == settled[0].series_uid))
