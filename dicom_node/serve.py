@@ -25,7 +25,7 @@ from dicom_node.config import Config
 from dicom_node.intake import Intake
 from dicom_node.scp import start_scp
 from dicom_node.transport import GuardedServer
-from storage.ledger import InstanceRecord, Ledger
+from storage.ledger import InstanceRecord, Ledger, worker_name
 from storage.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class WorkerPool:
                           p.exitcode)
                 if self._on_death is not None:
                     try:
-                        self._on_death(f"{socket.gethostname()}:{p.pid}")
+                        self._on_death(worker_name(socket.gethostname(), p.pid or 0))
                     except Exception:
                         log.exception("could not hand back the job of worker pid %s", p.pid)
                 self.procs[i] = self._spawn(i)

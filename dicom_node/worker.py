@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING, Iterator, Protocol
 
 from dicom_node.config import Config, Destination
 from dicom_node.dispatch import Dispatcher
-from storage.ledger import ClaimedJob, Ledger, utcnow
+from storage.ledger import ClaimedJob, Ledger, utcnow, worker_name
 from storage.outputs import BuiltOutput, OutputDamaged, OutputTree, check_output
 from vocab import DeliveryOutcome, Direction, JobState
 
@@ -91,7 +91,7 @@ class Worker:
     def __init__(self, cfg: Config, ledger: Ledger | None = None, *, qc: QualityCheck | None = None) -> None:
         self.cfg = cfg
         self.ledger = ledger or Ledger(cfg.storage.ledger_url)
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.name = worker_name(socket.gethostname(), os.getpid())
         self.spool_root = cfg.spool_dir
         self.outputs = OutputTree(cfg.output_dir)
         self.dispatch = Dispatcher(cfg, self.ledger)

@@ -19,7 +19,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import Engine, create_engine, event, inspect, select
+from sqlalchemy import Engine, create_engine, event, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -28,6 +28,9 @@ from storage.models import Base, Meta
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+
+#: PostgreSQL advisory lock held while the schema is created or migrated (any fixed 64-bit number)
+MIGRATION_LOCK_KEY = 0x6469636F6D6E6F  # "dicomno"
 
 #: migrations[n] upgrades a ledger from version n to n + 1
 MIGRATIONS: dict[int, Callable[[Session], None]] = {}
@@ -148,9 +151,16 @@ def checkpoint(engine: Engine) -> tuple[int, int] | None:
 
 
 def migrate(engine: Engine) -> int:
-    """Create or upgrade the schema; returns the version now in place."""
-    insp = inspect(engine)
+    """Create or upgrade the schema; returns the version now in place.
+
+    Processes that start together (a ``serve`` and workers on other machines) migrate one after the
+    other: on PostgreSQL under a transaction-scoped advisory lock, on SQLite under the write lock that
+    BEGIN IMMEDIATE takes; each looks at the schema only once it holds the lock.
+    """
     with Session(engine) as session, session.begin():
+        if engine.dialect.name == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        insp = inspect(session.connection())
         if not insp.has_table("meta"):
             Base.metadata.create_all(session.connection())
             session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))

@@ -17,7 +17,7 @@ from __future__ import annotations
 from storage.ledger.base import LedgerBase, iso, utcnow
 from storage.ledger.completion import Completion, DueSeries
 from storage.ledger.deliveries import Deliveries
-from storage.ledger.jobs import ClaimedJob, JobQueue, RetryOutcome
+from storage.ledger.jobs import ClaimedJob, JobQueue, RetryOutcome, worker_name
 from storage.ledger.read import (DeliveryCount, JobRunView, JobView, NoteView, ReadSide, RejectionView, SeriesView,
                                  StatusView)
 from storage.ledger.receiving import InstanceConflict, InstanceRecord, Receiving, RecordOutcome, StoredInstance
@@ -41,6 +41,7 @@ __all__ = [
     "StoredInstance",
     "iso",
     "utcnow",
+    "worker_name",
 ]
 
 
