@@ -118,12 +118,16 @@ def test_two_generations_of_a_series_finishing_at_the_same_moment_leave_one_done
     assert ledger.claim_job("w2", 60) is not None
     second_done = threading.Event()
     first = threading.current_thread()
-    held = []
+    held: list[bool] = []
+
+    def finish_second() -> None:
+        ledger.job_done(g2, "w2", {})
+        second_done.set()
 
     def hold_first_commit(_session: object) -> None:
         if threading.current_thread() is first and not held:
             held.append(True)
-            threading.Thread(target=lambda: (ledger.job_done(g2, "w2", {}), second_done.set())).start()
+            threading.Thread(target=finish_second).start()
             second_done.wait(3)
 
     event.listen(ledger._session, "before_commit", hold_first_commit)
