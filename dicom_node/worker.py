@@ -108,7 +108,8 @@ class Worker:
             t0 = time.monotonic()
             m = load_model(override or self.cfg.model.checkpoint, direction=direction.value, device=self.cfg.model.device,
                            engine=self.cfg.model.engine)
-            log.info("model %s (%s) loaded in %.1f s, engine %s", m.name, m.identity, time.monotonic() - t0, m.engine.value)
+            log.info("model %s (%s) loaded in %.1f s, engine %s, device %s", m.name, m.identity, time.monotonic() - t0,
+                     m.engine.value, m.device)
             self._models[direction.value] = m
         return m
 
