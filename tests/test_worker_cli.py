@@ -33,3 +33,12 @@ def test_a_bad_device_flag_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1] == \
         "dicomnode: worker --device: expected auto, cpu, cuda or cuda:N, got 'gpu7'"
+
+
+def test_the_reference_deployments_config_is_valid() -> None:
+    """deploy/compose-config.toml (mounted by deploy/compose.yaml) parses, and points at the PostgreSQL ledger."""
+    from dicom_node.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "deploy" / "compose-config.toml")
+    assert cfg.storage.ledger_url.startswith("postgresql+psycopg://") and cfg.worker.processes == 0
+    assert [d.host for d in cfg.destinations] == ["pacs"]
