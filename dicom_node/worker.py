@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Iterator, Protocol
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from dicom_node.config import Config, Destination
 from dicom_node.dispatch import Dispatcher
 from storage.ledger import ClaimedJob, Ledger, utcnow, worker_name
@@ -125,8 +127,20 @@ class Worker:
     def run(self, stop: threading.Event) -> None:
         self.warm_up()
         log.info("worker %s polling the ledger", self.name)
+        unreachable = False
         while not stop.is_set():
-            job = self.ledger.claim_job(self.name, self.cfg.worker.lease_seconds)
+            try:
+                job = self.ledger.claim_job(self.name, self.cfg.worker.lease_seconds)
+            except SQLAlchemyError as exc:  # e.g. a PostgreSQL ledger on another machine restarts
+                if not unreachable:
+                    log.warning("ledger unreachable (%s); trying again every %.1f s",
+                                str(getattr(exc, "orig", None) or exc).splitlines()[0], self.cfg.worker.poll_seconds)
+                unreachable = True
+                stop.wait(self.cfg.worker.poll_seconds)
+                continue
+            if unreachable:
+                log.info("ledger reachable again")
+                unreachable = False
             if job is None:
                 stop.wait(self.cfg.worker.poll_seconds)
                 continue

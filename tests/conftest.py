@@ -22,16 +22,30 @@ def postgres() -> Iterator["PostgresServer"]:
     Skipped, with the reason, where PostgreSQL or psycopg is missing or the server does not start, unless
     ``DICOMNODE_REQUIRE_POSTGRES=1`` (set by .ci/run, which installs it): then that is a failure.
     """
-    from pgserver import PostgresServer, PostgresUnavailable
-
-    try:
-        import psycopg  # noqa: F401
-        server = PostgresServer().start()
-    except (PostgresUnavailable, ImportError, OSError, subprocess.TimeoutExpired) as exc:
-        if os.environ.get("DICOMNODE_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"PostgreSQL is required here (DICOMNODE_REQUIRE_POSTGRES=1) but: {exc}")
-        pytest.skip(f"no PostgreSQL server for these tests: {exc}")
+    server = start_postgres_or_skip()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator["PostgresServer"]:
+    """A PostgreSQL server of this test alone (e.g. to stop and restart it)."""
+    server = start_postgres_or_skip()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def start_postgres_or_skip() -> "PostgresServer":
+    from pgserver import PostgresServer, PostgresUnavailable
+
+    try:
+        import psycopg  # noqa: F401
+        return PostgresServer().start()
+    except (PostgresUnavailable, ImportError, OSError, subprocess.TimeoutExpired) as exc:
+        if os.environ.get("DICOMNODE_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL is required here (DICOMNODE_REQUIRE_POSTGRES=1) but: {exc}")
+        pytest.skip(f"no PostgreSQL server for these tests: {exc}")

@@ -78,6 +78,10 @@ class PostgresServer:
                          "--encoding=UTF8", "--locale=C", "--no-sync")
         if init.returncode != 0:
             raise PostgresUnavailable(f"initdb failed: {(init.stderr or init.stdout).strip()[-800:]}")
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server on its cluster (after :meth:`pause`: the same port and data)."""
         opts = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c max_connections=200 "
                 f"-c fsync={'on' if self.fsync else 'off'} -c full_page_writes={'on' if self.fsync else 'off'}")
         if not self.fsync:
@@ -87,6 +91,13 @@ class PostgresServer:
         self.pid = self._recorded_pid()
         if res.returncode != 0:
             raise PostgresUnavailable(f"pg_ctl start failed: {res.stdout.strip()[-400:]} {self.log()[-800:]}")
+
+    def pause(self) -> None:
+        """Stop the server, keeping its data (an outage of the database; :meth:`resume` brings it back)."""
+        res = self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop")
+        if res.returncode != 0:
+            raise RuntimeError(f"pg_ctl stop failed: {res.stdout.strip()[-400:]}")
+        self.pid = None
 
     def _recorded_pid(self) -> int | None:
         try:

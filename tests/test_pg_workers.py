@@ -10,6 +10,7 @@ SCP on loopback that counts every C-STORE it answers.
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -19,7 +20,7 @@ from sqlalchemy import select
 from dicomgen import SeriesSpec, make_series, write_series
 from netutil import PynetdicomStoreSCP, needs_dcmtk, storescu
 from nodeproc import NodeProcess
-from storage.ledger import Ledger
+from storage.ledger import InstanceRecord, Ledger, utcnow
 from storage.models import Job
 from workerproc import WorkerProcess
 
@@ -151,3 +152,34 @@ def test_a_worker_killed_mid_job_loses_its_lease_to_another_worker(tmp_path: Pat
         assert len(pacs.received) == 16 and len(set(pacs.received)) == 16  # one synthetic series, no duplicate
     finally:
         site.stop()
+
+
+def test_a_worker_rides_out_a_restart_of_the_database(tmp_path: Path, own_postgres: Any) -> None:
+    """The ledger is on another machine: while it is unreachable an idle worker waits, then claims jobs again."""
+    url = own_postgres.create_database()
+    storage = tmp_path / "shared"
+    w = WorkerProcess(tmp_path / "worker", sections(storage, url, lease=10)).start()
+    try:
+        w.wait_polling()
+        own_postgres.pause()
+        time.sleep(2.0)  # ten polls or so against a closed port
+        own_postgres.resume()
+        led = Ledger(url)
+        try:  # a job whose instances are not in the spool: the worker that claims it fails it with that reason
+            led.record_instance(InstanceRecord("1.2.3.4.1", "1.2.840.10008.5.1.4.1.1.4", "1.2.3", "1.2.3.4",
+                                               "1.2.840.10008.1.2.1", "1.2.3/1.2.3.4/1.2.3.4.1.dcm", 10, "STORESCU",
+                                               "MR", "t1", {}))
+            (due,) = led.due_series(0, None, now=utcnow() + timedelta(seconds=1))
+            jid = led.complete_series(due, classification="T1", reason="r", direction="t1-to-t2")
+            assert isinstance(jid, int)
+            deadline = time.monotonic() + 30
+            while (job := led.job(jid)) is not None and job.state != "failed":
+                assert w.proc is not None and w.proc.poll() is None, f"the worker exited:\n{w.log()[-3000:]}"
+                assert time.monotonic() < deadline, w.log()[-3000:]
+                time.sleep(0.1)
+            assert job is not None and (job.worker or "").endswith(f":{w.pid}") and "missing" in (job.error or "")
+        finally:
+            led.close()
+        assert "ledger unreachable" in w.log()
+    finally:
+        w.stop()
