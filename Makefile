@@ -19,10 +19,11 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(VENV)/bin/dicomnode serve --config $(CONFIG)
 
-# Real peers used by the tests: dcmtk (storescu/storescp/echoscu) and Orthanc
+# Real peers used by the tests: dcmtk (storescu/storescp/echoscu), Orthanc, and PostgreSQL (the tests start
+# their own server in a temporary folder: tests/pgserver.py)
 test-deps:
-	@command -v storescu >/dev/null && command -v Orthanc >/dev/null || \
-	  ($(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends dcmtk orthanc)
+	@command -v storescu >/dev/null && command -v Orthanc >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  ($(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends dcmtk orthanc postgresql)
 
 test: install test-deps
 	$(VENV)/bin/mypy

@@ -96,15 +96,29 @@ def serve(config_path: Path, host: str | None, port: int | None, ae_title: str |
     sys.exit(code)
 
 
+def _valid_device(value: str | None) -> str | None:
+    from dicom_node.config.parse import DEVICE_CHOICES, DEVICE_RE
+
+    if value is not None and not DEVICE_RE.match(value):
+        raise UsageFailure(f"worker --device: expected {DEVICE_CHOICES}, got {value!r}")
+    return value
+
+
 @cli.command()
 @config_option
-def worker(config_path: Path) -> None:
-    """Run one synthesis worker against the shared ledger and spool."""
+@click.option("--device", default=None, callback=lambda _c, _p, v: _valid_device(v),
+              help="Inference device: auto, cpu, cuda or cuda:N (overrides model.device; one worker per GPU).")
+def worker(config_path: Path, device: str | None) -> None:
+    """Run one synthesis worker against the shared ledger and spool (e.g. on another machine)."""
     from dicom_node.worker import run_worker
 
     from storage.db import LedgerError
 
     cfg = read_config(config_path)
+    try:
+        cfg = cfg.with_overrides(model={"device": device})
+    except ConfigError as exc:
+        raise UsageFailure(str(exc)) from None
     try:
         code = run_worker(cfg)
     except LedgerError as exc:

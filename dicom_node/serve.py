@@ -28,7 +28,7 @@ from dicom_node.monitoring.monitor import Monitor
 from dicom_node.prune import Pruner, RetentionThread
 from dicom_node.net.scp import start_scp
 from dicom_node.net.transport import GuardedServer
-from storage.ledger import InstanceRecord, Ledger
+from storage.ledger import InstanceRecord, Ledger, worker_name
 from storage.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class WorkerPool:
                           p.exitcode)
                 if self._on_death is not None:
                     try:
-                        self._on_death(f"{socket.gethostname()}:{p.pid}")
+                        self._on_death(worker_name(socket.gethostname(), p.pid or 0))
                     except Exception:
                         log.exception("could not hand back the job of worker pid %s", p.pid)
                 self._last_exit[i] = (p.exitcode, time.monotonic())

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Callable, Iterator, Protocol
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from dicom_node.config import Config, Destination
 from dicom_node.dispatch import Dispatcher
-from storage.ledger import ClaimedJob, Ledger, utcnow
+from storage.ledger import ClaimedJob, Ledger, utcnow, worker_name
 from storage.outputs import BuiltOutput, OutputDamaged, OutputTree, check_output
 from vocab import DeliveryOutcome, Direction, JobState
 
@@ -96,7 +98,7 @@ class Worker:
         """*qc*: the QC stage; by default :class:`~dicom_node.qc_stage.QCStage` when ``[qc] enabled``."""
         self.cfg = cfg
         self.ledger = ledger or Ledger(cfg.storage.ledger_url)
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.name = worker_name(socket.gethostname(), os.getpid())
         self.spool_root = cfg.spool_dir
         self.outputs = OutputTree(cfg.output_dir)
         self.dispatch = Dispatcher(cfg, self.ledger)
@@ -118,7 +120,8 @@ class Worker:
             t0 = time.monotonic()
             m = load_model(override or self.cfg.model.checkpoint, direction=direction.value, device=self.cfg.model.device,
                            engine=self.cfg.model.engine)
-            log.info("model %s (%s) loaded in %.1f s, engine %s", m.name, m.identity, time.monotonic() - t0, m.engine.value)
+            log.info("model %s (%s) loaded in %.1f s, engine %s, device %s", m.name, m.identity, time.monotonic() - t0,
+                     m.engine.value, m.device)
             self._models[direction.value] = m
         return m
 
@@ -154,8 +157,20 @@ class Worker:
             except Exception as exc:  # the node runs on; its health check says the worker is not ready
                 log.error("could not report this worker ready: %s", exc)
         log.info("worker %s polling the ledger", self.name)
+        unreachable = False
         while not stop.is_set():
-            job = self.ledger.claim_job(self.name, self.cfg.worker.lease_seconds)
+            try:
+                job = self.ledger.claim_job(self.name, self.cfg.worker.lease_seconds)
+            except SQLAlchemyError as exc:  # e.g. a PostgreSQL ledger on another machine restarts
+                if not unreachable:
+                    log.warning("ledger unreachable (%s); trying again every %.1f s",
+                                str(getattr(exc, "orig", None) or exc).splitlines()[0], self.cfg.worker.poll_seconds)
+                unreachable = True
+                stop.wait(self.cfg.worker.poll_seconds)
+                continue
+            if unreachable:
+                log.info("ledger reachable again")
+                unreachable = False
             if job is None:
                 stop.wait(self.cfg.worker.poll_seconds)
                 continue

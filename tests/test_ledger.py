@@ -6,6 +6,7 @@ import multiprocessing as mp
 import sqlite3
 from datetime import timedelta
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -19,9 +20,16 @@ def rec(sop: str, series: str = "1.2.3", study: str = "1.2") -> InstanceRecord:
                           size_bytes=10, calling_aet="A", modality="MR", description="t1", attrs={})
 
 
-@pytest.fixture
-def ledger(tmp_path: Path) -> Ledger:
-    return Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
+    """The same semantics on both databases: SQLite (one machine) and a real PostgreSQL server (many)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    else:
+        url = request.getfixturevalue("postgres").create_database()
+    led = Ledger(url)
+    yield led
+    led.close()
 
 
 def queue_jobs(ledger: Ledger, n: int) -> list[int]:
@@ -144,7 +152,8 @@ def test_a_ledger_kept_write_locked_by_another_process_is_named_not_a_traceback(
     assert Ledger(url, busy_timeout=0.5).schema_version == schema_head()  # free again: opens at once
 
 
-def test_sqlite_runs_in_wal_mode(ledger: Ledger, tmp_path: Path) -> None:
+def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
+    Ledger(f"sqlite:///{tmp_path / 'ledger.db'}").close()
     con = sqlite3.connect(tmp_path / "ledger.db")
     assert con.execute("pragma journal_mode").fetchone()[0] == "wal"
 

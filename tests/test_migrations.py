@@ -118,3 +118,18 @@ def test_dicomnode_migrate_on_an_unreachable_ledger_is_one_line_and_exit_2(tmp_p
     assert r.exit_code == 2, r.output
     assert "secret" not in r.output  # the password is never printed
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_on_postgresql_the_migrations_build_the_models_schema_and_concurrent_starts_migrate_once(
+        postgres: "PostgresServer") -> None:  # type: ignore[name-defined]  # noqa: F821
+    url = postgres.create_database()
+    code = ("import logging; logging.basicConfig(level=logging.INFO); logging.getLogger('alembic').setLevel(30); "
+            f"from storage.ledger import Ledger; Ledger({url!r}).close()")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert sum("ledger created" in e for e in errors) == 1  # one migrated; the others found it done
+    led = Ledger(url)
+    led.close()
+    assert led.schema_version == schema_head()
+    assert differences(url) == []

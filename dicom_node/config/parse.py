@@ -410,10 +410,15 @@ def _host(ctx: _Ctx, key: str, value: Any) -> str:
     return v
 
 
+#: model.device (and ``dicomnode worker --device``)
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
 def _device(ctx: _Ctx, key: str, value: Any) -> str:
     v = _typed(ctx, key, value, str)
-    if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", v):
-        raise ctx.fail(key, f"expected auto, cpu, cuda or cuda:N, got {v!r}")
+    if not DEVICE_RE.match(v):
+        raise ctx.fail(key, f"expected {DEVICE_CHOICES}, got {v!r}")
     return v
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from storage.ledger.base import LedgerBase, iso, utcnow
 from storage.ledger.completion import Completion, DueSeries
 from storage.ledger.deliveries import Deliveries
-from storage.ledger.jobs import ClaimedJob, JobQueue, RetryOutcome
+from storage.ledger.jobs import ClaimedJob, JobQueue, RetryOutcome, worker_name
 from storage.ledger.qc import QualityRecords
 from storage.ledger.read import (DeliveryCount, JobRunView, JobView, NoteView, QCView, ReadSide, RejectionView,
                                  SeriesView, StatusView)
@@ -53,6 +53,7 @@ __all__ = [
     "StoredInstance",
     "iso",
     "utcnow",
+    "worker_name",
 ]
 
 

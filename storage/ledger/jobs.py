@@ -7,6 +7,7 @@ run the same job and a dead worker's job is taken over once its lease expires.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Callable
@@ -14,10 +15,28 @@ from typing import Any, Callable
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 
 from storage.ledger.base import LedgerBase, rowcount, utcnow
-from storage.models import Delivery, Job, JobRun
+from storage.models import Delivery, Job, JobRun, Series
 from vocab import ACTIVE_JOB_STATES, Direction, JobState
 
-__all__ = ["ClaimedJob", "JobQueue", "RetryOutcome"]
+__all__ = ["ClaimedJob", "JobQueue", "RetryOutcome", "worker_name"]
+
+
+#: width of ``jobs.worker``; a worker's name is ``host:pid``
+WORKER_NAME_WIDTH = 64
+_PID_WIDTH = 7  # Linux pid_max is at most 4194304
+
+
+def host_key(host: str) -> str:
+    """*host* as it appears in worker names: cut to fit the column, with a digest so that cut names stay apart."""
+    room = WORKER_NAME_WIDTH - 1 - _PID_WIDTH
+    if len(host) <= room:
+        return host
+    return f"{host[:room - 9]}~{hashlib.sha1(host.encode()).hexdigest()[:8]}"
+
+
+def worker_name(host: str, pid: int) -> str:
+    """The ledger's name of worker process *pid* on *host* (fits ``jobs.worker`` for any host name)."""
+    return f"{host_key(host)}:{pid}"
 
 
 @dataclass(frozen=True)
@@ -88,8 +107,8 @@ class JobQueue(LedgerBase):
             return rowcount(res) == 1
 
     def release_leases(self, host: str, alive: Callable[[str], bool]) -> int:
-        """Make jobs held by dead workers of *host* claimable now (workers are named host:pid)."""
-        return self._release(Job.worker.like(f"{host}:%"), lambda w: not alive(w))
+        """Make jobs held by dead workers of *host* claimable now (workers are named by :func:`worker_name`)."""
+        return self._release(Job.worker.startswith(f"{host_key(host)}:", autoescape=True), lambda w: not alive(w))
 
     def release_own(self, worker: str) -> int:
         """A worker that stops hands its job back at once."""
@@ -129,6 +148,10 @@ class JobQueue(LedgerBase):
         """
         now = utcnow()
         with self.session() as s, s.begin():
+            # one finishing job per series at a time: under READ COMMITTED (PostgreSQL) two generations ending
+            # together would each miss the other and both stay done (SQLite serialises every writer anyway)
+            series_id = s.scalar(select(Job.series_id).where(Job.id == job_id))
+            s.execute(select(Series.id).where(Series.id == series_id).with_for_update())
             res = s.execute(update(Job).where(Job.id == job_id, Job.worker == worker).values(
                 state=JobState.DONE.value, finished_at=now, lease_expires_at=None, timings=timings, error=None))
             if rowcount(res) != 1:

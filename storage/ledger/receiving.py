@@ -176,7 +176,8 @@ class Receiving(LedgerBase):
             if row is None:
                 key = c.execute(S.insert().values(
                     study_uid=rec.study_uid, series_uid=rec.series_uid, state=SeriesState.RECEIVING.value,
-                    generation=1, instances=0, calling_aet=rec.calling_aet, modality=rec.modality,
+                    generation=1, instances=0, calling_aet=rec.calling_aet,
+                    modality=(rec.modality or None) and rec.modality[:16],  # CS: 16 at most (PostgreSQL enforces it)
                     description=(rec.description or None) and rec.description[:128],
                     first_received_at=now, last_received_at=now,
                 )).inserted_primary_key
