@@ -90,12 +90,15 @@ def test_a_ledger_from_before_qc_gets_the_table_and_reads_without_it(tmp_path: P
     (jid,) = queue_jobs(led, 1)
     led.close()
     con = sqlite3.connect(tmp_path / "ledger.db")
-    con.execute("DROP TABLE qc_results")  # as a ledger written before this version
+    con.execute("DROP TABLE qc_results")  # as a ledger written before QC came in (schema v2)
+    con.execute("UPDATE alembic_version SET version_num = '0002'")
+    con.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     con.commit()
     con.close()
     old = Ledger(url, read_only=True)
     assert old.status().jobs[0].qc is None  # status of an older ledger: no QC yet
     old.close()
-    led = Ledger(url)  # serve/worker: the table is created
+    led = Ledger(url)  # serve/worker: the ledger is migrated, the table is created
+    assert led.schema_version >= 3
     led.record_qc(jid, verdict="pass", reasons=[], checks={}, model_identity=None)
     assert led.status().jobs[0].qc is not None
