@@ -105,6 +105,9 @@ class NodeProcess:
             else:
                 wait_for_echo(self.port, timeout=timeout, proc=self.proc)
         except Exception as e:
+            if self.proc.poll() is None:  # started but not ready: take it and what it started down, leave nothing
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
             raise RuntimeError(f"dicomnode serve did not start ({e}):\n{self.log()}") from None
         return self
 

@@ -62,11 +62,15 @@ class Site:
         return self._ledger
 
     def start(self) -> "Site":
-        for w in self.workers:  # first: they create the ledger together with serve (see test_ledger_concurrency)
-            w.start()
-        self.node.start()
-        for w in self.workers:
-            w.wait_polling()
+        try:
+            for w in self.workers:  # first: they create the ledger together with serve (see test_ledger_concurrency)
+                w.start()
+            self.node.start()
+            for w in self.workers:
+                w.wait_polling()
+        except BaseException:
+            self.stop()  # a site that did not come up leaves nothing running
+            raise
         return self
 
     def stop(self) -> None:
