@@ -104,6 +104,9 @@ class NodeProcess:
                 wait_for_port(self.port, timeout=timeout, proc=self.proc)
             else:
                 wait_for_echo(self.port, timeout=timeout, proc=self.proc)
+            http = self.sections.get("http", {})
+            if http.get("enabled", True) and "port" in http:  # serve opens it just after the DICOM port
+                wait_for_port(int(http["port"]), timeout=timeout, proc=self.proc)
         except Exception as e:
             if self.proc.poll() is None:  # started but not ready: take it and what it started down, leave nothing
                 os.killpg(self.proc.pid, signal.SIGKILL)
