@@ -6,13 +6,16 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from dicom_node import __version__
 from dicom_node.cli_errors import UsageFailure
 from dicom_node.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from storage.ledger import Ledger
 
 log = logging.getLogger("dicom_node")
 
@@ -21,6 +24,23 @@ def _one_line(exc: BaseException) -> str:
     """The driver's message without SQLAlchemy's statement dump and links."""
     orig = getattr(exc, "orig", None)
     return str(orig or exc).splitlines()[0] if str(orig or exc) else type(exc).__name__
+
+
+def _open_ledger(cfg: Config, *, read_only: bool = False) -> "Ledger":
+    """The ledger of *cfg*, or one line and exit 2 when it cannot be opened (missing, newer, unreachable)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from storage.db import LedgerError
+    from storage.ledger import Ledger
+
+    try:
+        return Ledger(cfg.storage.ledger_url, read_only=read_only)
+    except LedgerError as exc:
+        raise UsageFailure(str(exc)) from None
+    except (SQLAlchemyError, OSError) as exc:
+        where = make_url(cfg.storage.ledger_url).render_as_string(hide_password=True).removeprefix("sqlite:///")
+        raise UsageFailure(f"cannot {'read' if read_only else 'open'} the ledger at {where}: {_one_line(exc)}") from None
 
 
 def _study_date(path: Path) -> str | None:
@@ -138,17 +158,10 @@ def status(config_path: Path, state: str | None, limit: int, as_json: bool) -> N
     from sqlalchemy.exc import SQLAlchemyError
 
     from dicom_node.status import render, status_json
-    from storage.db import LedgerError
-    from storage.ledger import Ledger
 
     cfg = read_config(config_path)
     where = cfg.storage.ledger_url.removeprefix("sqlite:///")
-    try:
-        ledger = Ledger(cfg.storage.ledger_url, read_only=True)
-    except LedgerError as exc:
-        raise UsageFailure(str(exc)) from None
-    except (SQLAlchemyError, OSError) as exc:
-        raise UsageFailure(f"cannot read the ledger at {where}: {_one_line(exc)}") from None
+    ledger = _open_ledger(cfg, read_only=True)
     try:
         view = ledger.status(state=state, limit=limit)
         firsts = ledger.first_instance_paths([x.series_uid for x in view.series])
@@ -174,12 +187,11 @@ def retry(config_path: Path, job_id: int | None, all_failed: bool, force: bool) 
     Only instances a destination has not confirmed are sent again.
     """
     from storage.outputs import OutputDamaged, check_output
-    from storage.ledger import Ledger
 
     if (job_id is None) == (not all_failed):
         raise UsageFailure("retry: give a JOB id or --all-failed (not both)")
     cfg = read_config(config_path)
-    ledger = Ledger(cfg.storage.ledger_url)
+    ledger = _open_ledger(cfg)
     try:
         ids = ledger.failed_job_ids() if all_failed else [job_id]
         if not ids:
@@ -219,18 +231,10 @@ def prune(config_path: Path, dry_run: bool) -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
     from dicom_node.prune import Pruner
-    from storage.db import LedgerError
-    from storage.ledger import Ledger
     from storage.spool import Spool
 
     cfg = read_config(config_path)
-    where = cfg.storage.ledger_url.removeprefix("sqlite:///")
-    try:
-        ledger = Ledger(cfg.storage.ledger_url, read_only=dry_run)
-    except LedgerError as exc:
-        raise UsageFailure(str(exc)) from None
-    except (SQLAlchemyError, OSError) as exc:
-        raise UsageFailure(f"cannot open the ledger at {where}: {_one_line(exc)}") from None
+    ledger = _open_ledger(cfg, read_only=dry_run)
     try:
         pruner = Pruner(cfg.retention, ledger, Spool(cfg.spool_dir, create=not dry_run), cfg.output_dir,
                         cfg.storage.dir)
@@ -248,10 +252,8 @@ def prune(config_path: Path, dry_run: bool) -> None:
 @click.argument("job_id", type=int)
 def release(config_path: Path, job_id: int) -> None:
     """Send a job that quality control held (state held): a worker delivers its built output."""
-    from storage.ledger import Ledger
-
     cfg = read_config(config_path)
-    ledger = Ledger(cfg.storage.ledger_url)
+    ledger = _open_ledger(cfg)
     try:
         try:
             ledger.release_job(job_id)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import subprocess
 from pathlib import Path
 from typing import Iterator
 
@@ -15,21 +14,15 @@ import pytest
 
 from dicomgen import SeriesSpec, make_series
 from nodeproc import NodeProcess, pynetdicom_send
+from tmpfs import mounted_tmpfs
 
 SUCCESS, OUT_OF_RESOURCES = 0x0000, 0xA700
 
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(disk)], capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({(res.stderr or res.stdout).strip()}); needs root")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", 20) as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def fill(disk: Path, leave_mb: int) -> Path:

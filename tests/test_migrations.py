@@ -133,3 +133,14 @@ def test_on_postgresql_the_migrations_build_the_models_schema_and_concurrent_sta
     led.close()
     assert led.schema_version == schema_head()
     assert differences(url) == []
+
+
+@pytest.mark.parametrize("args", [["status"], ["retry", "1"], ["release", "1"], ["prune"], ["prune", "--dry-run"]],
+                         ids=lambda a: " ".join(a))
+def test_every_ledger_command_on_an_unreachable_ledger_is_one_line_and_exit_2(tmp_path: Path, args: list[str]) -> None:
+    sections = node_sections(tmp_path, 11112)
+    sections["storage"]["ledger_url"] = "postgresql+psycopg://dicomnode:secret@127.0.0.1:1/ledger"
+    config = write_config(tmp_path, sections)
+    r = CliRunner().invoke(cli, [*args, "--config", str(config)])
+    assert r.exit_code == 2, r.output
+    assert "secret" not in r.output and len(r.output.strip().splitlines()) == 1, r.output

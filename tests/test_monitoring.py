@@ -24,6 +24,7 @@ import pytest
 from dicomgen import SeriesSpec, make_series
 from netutil import PynetdicomStoreSCP
 from nodeproc import NodeProcess, ledger_rows, pynetdicom_send, wait_gone
+from tmpfs import mounted_tmpfs
 
 pytestmark = pytest.mark.slow
 
@@ -189,16 +190,8 @@ def test_healthz_names_a_dead_worker_until_its_successor_is_ready(node: NodeProc
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    spool = tmp_path / "node" / "var" / "spool"
-    spool.mkdir(parents=True)
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(spool)], capture_output=True,
-                         text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({(res.stderr or res.stdout).strip()}); needs root")
-    try:
+    with mounted_tmpfs(tmp_path / "node" / "var" / "spool", 32) as spool:
         yield spool
-    finally:
-        subprocess.run(["umount", "-l", str(spool)], check=False)
 
 
 def test_healthz_names_a_read_only_spool_and_a_disk_below_the_floor(tmp_path: Path, small_disk: Path) -> None:

@@ -21,6 +21,7 @@ from datetime import timedelta
 from dicomgen import SeriesSpec, make_series
 from nodeproc import DICOMNODE, NodeProcess, ledger_rows, pynetdicom_send, spooled
 from settled import Store
+from tmpfs import mounted_tmpfs
 from storage.ledger import utcnow
 
 
@@ -96,11 +97,8 @@ def test_dry_run_changes_nothing_and_reports_what_prune_then_removes(tmp_path: P
 
 
 def test_the_disk_high_water_mark_prunes_the_oldest_settled_series_first_until_below(tmp_path: Path) -> None:
-    fs = tmp_path / "fs"
-    fs.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(fs)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root): the high-water mark needs a disk of known size")
-    try:
+    # the high-water mark needs a disk of known size
+    with mounted_tmpfs(tmp_path / "fs", 3) as fs:
         # the ledger elsewhere: only files count on this disk
         st = Store(fs / "node", storage={"ledger_url": f"sqlite:///{tmp_path / 'ledger.db'}"}, spool_days=365,
                    output_days=365, ledger_days=365, high_water_percent=50)
@@ -121,8 +119,6 @@ def test_the_disk_high_water_mark_prunes_the_oldest_settled_series_first_until_b
         assert all(st.intact(m) for m in made[k:]) and st.intact(unfinished)
         assert f"spool: removed {k} series" in out and "[disk " in out, out
         assert f"spool: would remove {k} series" in dry, dry
-    finally:
-        subprocess.run(["umount", "-l", str(fs)], check=False)
 
 
 def test_a_prune_killed_mid_way_leaves_no_dangling_rows_and_the_next_prune_finishes_it(tmp_path: Path) -> None:
