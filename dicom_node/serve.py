@@ -26,7 +26,8 @@ from dicom_node.config import Config
 from dicom_node.intake import Intake
 from dicom_node.monitoring.monitor import Monitor
 from dicom_node.prune import Pruner, RetentionThread
-from dicom_node.net.scp import start_scp
+from dicom_node.net.scp import LedgerCarriers, start_scp, stop_receiving
+from dicom_node.receivers import Receivers
 from dicom_node.net.transport import GuardedServer
 from storage.ledger import InstanceRecord, Ledger, worker_name
 from storage.spool import Spool
@@ -75,7 +76,7 @@ class WorkerPool:
     """Keeps ``worker.processes`` synthesis workers alive.
 
     Workers end by themselves when ``serve`` dies (see
-    :func:`dicom_node.worker.watch_parent`); a worker that dies is reaped, its
+    :func:`dicom_node.children.watch_parent`); a worker that dies is reaped, its
     job handed back at once (``on_death`` gets its ledger name) and it is
     restarted.
     """
@@ -183,35 +184,6 @@ def check_listen_address(host: str, port: int) -> None:
         s.listen(1)
 
 
-def stop_receiving(server: GuardedServer, grace: float) -> None:
-    """Stop the SCP within *grace* + about 3 s, whatever peers do.
-
-    New connections stop at once, and so do connections that have not yet
-    sent their association request.  Established associations get *grace*
-    seconds to finish; then they are aborted and every connection is cut (a
-    peer stalled mid-PDU cannot hold us).
-    """
-    server.shutdown()
-    server.close_connections(unassociated_only=True)
-
-    def established() -> list[Any]:
-        return [a for a in server.active_associations if a.is_established]
-
-    deadline = time.monotonic() + grace
-    while established() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    left = established()
-    if left:
-        log.warning("%d association(s) still open at shutdown; aborting them", len(left))
-        for a in left:
-            a.abort(block=False)  # the A-ABORT goes out unless the reactor is blocked on a stalled peer
-        time.sleep(0.5)
-    server.close_connections()
-    deadline = time.monotonic() + 2.0
-    while established() and time.monotonic() < deadline:  # let the reactors see it (and fire their events)
-        time.sleep(0.05)
-
-
 def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
     stop = stop_event or threading.Event()
     check_listen_address(cfg.node.host, cfg.node.port)  # a port in use must not leave a new ledger behind
@@ -237,8 +209,12 @@ def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
     intake = Intake(spool, ledger, overwrite_instances=cfg.storage.overwrite_instances,
                     max_inflated=cfg.node.max_inflated_mb << 20)
     pool = WorkerPool(cfg, on_death=ledger.release_own)
-    watch = Monitor(cfg, pool, ledger)  # metrics and health; the SCP counts into it
-    server = start_scp(cfg, ledger, intake, observer=watch.counters)
+    receivers = Receivers(cfg)
+    watch = Monitor(cfg, pool, ledger, receivers=receivers)  # metrics and health; the SCP counts into it
+    carriers = LedgerCarriers(ledger, cfg.series.complete_on_release)
+    server = start_scp(cfg, ledger, intake, observer=watch.counters, carriers=carriers, slots=receivers.slots,
+                       reuse_port=cfg.node.receivers > 1, receivers=cfg.node.receivers)
+    receivers.start(server.server_address[1], watch.counters, carriers)
     monitor = CompletionMonitor(ledger, cfg)
     monitor.start()
     pool.start()
@@ -251,12 +227,15 @@ def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
         try:
             http_host, http_port = watch.start_http()
         except OSError:  # taken since the check at start: stop what runs, then say so in one line
+            receivers.terminate()
             stop_receiving(server, 0)
+            receivers.join(10)
             monitor.stop()
             pool.stop()
             watch.close()
             retention.stop()
             ledger.close()
+            receivers.close()
             raise
         log.info("http on %s:%d: /metrics, /healthz", http_host, http_port)
 
@@ -271,6 +250,7 @@ def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
     ticks = 0
     while not stop.wait(1.0):
         pool.supervise()
+        receivers.supervise()
         ticks += 1
         if ticks % 5 == 0:  # e.g. a worker of an earlier run that exited since, or a local `dicomnode worker`
             try:
@@ -285,7 +265,10 @@ def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
             log.debug("ledger checkpoint skipped: %s", exc)
 
     watch.stopping.set()  # /healthz answers 503 "stopping" while the rest shuts down
-    stop_receiving(server, min(cfg.node.dimse_timeout, 30.0))
+    grace = min(cfg.node.dimse_timeout, 30.0)
+    receivers.terminate()  # they finish their transfers in flight while this process finishes its own
+    stop_receiving(server, grace)
+    receivers.join(grace + 10)
     monitor.stop()
     monitor.join(5)
     pool.stop()
@@ -294,5 +277,6 @@ def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
     if retention.is_alive():
         retention.join(10)  # a removal cut short here is finished at the next start
     ledger.close()
+    receivers.close()
     log.info("stopped")
     return 0

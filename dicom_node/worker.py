@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from typing import IO, TYPE_CHECKING, Callable, Iterator, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from dicom_node.children import watch_parent
 from dicom_node.config import Config, Destination
 from dicom_node.dispatch import Dispatcher
 from storage.ledger import ClaimedJob, Ledger, utcnow, worker_name
@@ -380,53 +380,6 @@ def run_worker(cfg: Config, stop: threading.Event | None = None, ready_file: Pat
         worker.ledger.release_own(worker.name)
         worker.ledger.close()
     return 0
-
-
-#: seconds a worker whose parent died has to hand its job back before it exits hard
-ORPHAN_GRACE_SECONDS = 5.0
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _set_parent_death_signal(signum: int) -> bool:
-    """Linux: have the kernel send *signum* to this process when its parent dies."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def watch_parent(parent_pid: int, grace: float = ORPHAN_GRACE_SECONDS, interval: float = 0.5) -> None:
-    """Make this process end when *parent_pid* (``dicomnode serve``) dies, even by ``kill -9``.
-
-    On Linux the kernel sends SIGTERM at once (PR_SET_PDEATHSIG); everywhere a
-    daemon thread notices the new parent PID within *interval* and sends the
-    same SIGTERM (a job in progress is handed back), then exits hard after
-    *grace* seconds if the process has not stopped by then (e.g. inside a long
-    native inference call).
-    """
-    _set_parent_death_signal(signal.SIGTERM)
-
-    def orphaned() -> bool:
-        return os.getppid() != parent_pid
-
-    def watch() -> None:
-        while not orphaned():
-            time.sleep(interval)
-        log.warning("worker %d: parent %d is gone; stopping", os.getpid(), parent_pid)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(grace)
-        os._exit(3)
-
-    if orphaned():  # the parent died before we got here
-        log.warning("worker %d: parent %d is gone; not starting", os.getpid(), parent_pid)
-        raise SystemExit(3)
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def slot_lock_path(cfg: Config, index: int) -> Path:

@@ -91,6 +91,9 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> Non
         (GOOD + "\n[qc]\nflip_every = 0\n", "qc.flip_every: must be > 0"),
         (GOOD + "\n[qc]\nflip_warn = 0.5\nflip_fail = 0.2\n", "qc.flip_fail: must be >= flip_warn"),
         ("[node\n", "invalid TOML"),
+        (GOOD.replace("port = 11112", "port = 11112\nreceivers = 0"), "node.receivers: must be > 0"),
+        (GOOD.replace("port = 11112", "port = 11112\nreceivers = 33"), "node.receivers: must be at most 32"),
+        (GOOD.replace("port = 11112", "port = 11112\nreceivers = \"4\""), "node.receivers"),
     ],
 )
 def test_bad_configuration_names_file_key_and_problem(tmp_path: Path, text: str, fragment: str) -> None:

@@ -100,7 +100,7 @@ def test_healthz_is_200_with_every_check_named_once_the_models_are_loaded(node: 
     code, body = health(node)
     assert code == 200, body
     assert body["status"] == "ok" and body["failing"] == []
-    assert list(body["checks"]) == ["process", "ledger", "spool", "disk", "workers", "model"]
+    assert list(body["checks"]) == ["process", "receivers", "ledger", "spool", "disk", "workers", "model"]
     assert all(c["ok"] for c in body["checks"].values())
     assert "1/1 running and ready" in body["checks"]["workers"]["detail"]
     assert "t1-to-t2: dicomnode-unet-t1-to-t2-2.0-" in body["checks"]["model"]["detail"]

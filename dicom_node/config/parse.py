@@ -94,6 +94,17 @@ def _positive(ctx: _Ctx, key: str, value: Any, kind: type[_N], allow_zero: bool 
     return v
 
 
+#: more receiving processes than this buy nothing: each one is a whole Python process with its own AE
+MAX_RECEIVERS = 32
+
+
+def _receivers(ctx: _Ctx, key: str, value: Any) -> int:
+    v = _positive(ctx, key, value, int)
+    if v > MAX_RECEIVERS:
+        raise ctx.fail(key, f"must be at most {MAX_RECEIVERS}, got {v}")
+    return v
+
+
 def _at_least(ctx: _Ctx, key: str, value: Any, minimum: float) -> float:
     v = _typed(ctx, key, value, float)
     if v < minimum:
@@ -234,6 +245,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
             "ae_title": lambda k, v: _ae(ctx, k, v),
             "port": lambda k, v: _port(ctx, k, v),
             "max_associations": lambda k, v: _positive(ctx, k, v, int),
+            "receivers": lambda k, v: _receivers(ctx, k, v),
             "max_inflated_mb": lambda k, v: _positive(ctx, k, v, int),
         },
     )

@@ -29,6 +29,7 @@ class NodeConfig:
     host: str = "0.0.0.0"
     port: int = 11112
     max_associations: int = 10
+    receivers: int = 1  # receiving processes sharing the port (SO_REUSEPORT)
     max_pdu: int = 262144  # largest PDU we accept (bytes); 0 = unlimited
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
@@ -194,7 +195,7 @@ class Config:
         return (
             f"config={self.source} ae_title={self.node.ae_title} "
             f"listen={self.node.host}:{self.node.port} tls={'on' if self.security.tls else 'off'} "
-            f"max_associations={self.node.max_associations} calling_aets={aets} "
+            f"max_associations={self.node.max_associations} receivers={self.node.receivers} calling_aets={aets} "
             f"storage={self.storage.dir} ledger={_redact_url(self.storage.ledger_url)} "
             f"quiet_seconds={self.series.quiet_seconds} model={self.model.checkpoint} "
             f"device={self.model.device} engine={self.model.engine} "

@@ -55,12 +55,31 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+class ReceiverView(Protocol):
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+
+class ReceivingProcesses(Protocol):
+    """``serve``'s receiving processes as health sees them (:class:`dicom_node.receivers.Receivers`)."""
+
+    configured: int
+
+    def states(self) -> Sequence[ReceiverView]: ...
+
+
 class Health:
-    """The checks, in the order they are reported: process, ledger, spool, disk, workers, model."""
+    """The checks, in the order they are reported: process, receivers, ledger, spool, disk, workers, model."""
 
     def __init__(self, *, ledger: LedgerProbe, spool_incoming: Path, storage_dir: Path, min_free_bytes: int,
                  directions: Sequence[str], configured_workers: int, pool: WorkerSlots | None,
-                 stopping: threading.Event) -> None:
+                 stopping: threading.Event, receivers: ReceivingProcesses | None = None) -> None:
         self.ledger = ledger
         self.spool_incoming = spool_incoming
         self.storage_dir = storage_dir
@@ -69,16 +88,30 @@ class Health:
         self.configured_workers = configured_workers
         self.pool = pool
         self.stopping = stopping
+        self.receivers = receivers
         self.started = time.monotonic()
 
     def report(self) -> HealthReport:
         workers, model = self._workers_and_model()
-        return HealthReport((self._process(), self._ledger(), self._spool(), self._disk(), workers, model))
+        return HealthReport((self._process(), self._receivers(), self._ledger(), self._spool(), self._disk(), workers,
+                             model))
 
     def _process(self) -> Check:
         if self.stopping.is_set():
             return Check("process", False, f"pid {os.getpid()} is stopping")
         return Check("process", True, f"pid {os.getpid()}, up {time.monotonic() - self.started:.0f} s")
+
+    def _receivers(self) -> Check:
+        if self.receivers is None:
+            return Check("receivers", True, "1/1 listening (this process)")
+        states = self.receivers.states()
+        down = [f"receiver {r.index} (pid {r.pid}) is not running" for r in states if not r.alive]
+        missing = self.receivers.configured - len(states)
+        if missing > 0:
+            down.append(f"{missing} receiver(s) not started")
+        if down:
+            return Check("receivers", False, "; ".join(down))
+        return Check("receivers", True, f"{len(states)}/{self.receivers.configured} listening (node.receivers)")
 
     def _ledger(self) -> Check:
         t0 = time.monotonic()

@@ -7,7 +7,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from dicom_node.config import Config
-from dicom_node.monitoring.health import Health
+from dicom_node.monitoring.health import Health, ReceivingProcesses
 from dicom_node.monitoring.metrics import LedgerCollector, LocalCollector, WorkerSlots, build_registry
 from storage.db import LedgerError
 from storage.ledger import Ledger
@@ -28,7 +28,8 @@ class Monitor:
     where no second connection can see it (an in-memory SQLite ledger).
     """
 
-    def __init__(self, cfg: Config, pool: WorkerSlots | None, ledger: Ledger | None = None) -> None:
+    def __init__(self, cfg: Config, pool: WorkerSlots | None, ledger: Ledger | None = None, *,
+                 receivers: ReceivingProcesses | None = None) -> None:
         self.cfg = cfg
         self.stopping = threading.Event()
         try:
@@ -44,7 +45,8 @@ class Monitor:
         self.health = Health(ledger=self.ledger, spool_incoming=cfg.spool_dir / ".incoming",
                              storage_dir=cfg.storage.dir, min_free_bytes=min_free,
                              directions=[d.value for d in cfg.model.directions],
-                             configured_workers=cfg.worker.processes, pool=pool, stopping=self.stopping)
+                             configured_workers=cfg.worker.processes, pool=pool, stopping=self.stopping,
+                             receivers=receivers)
         self._http: HttpListener | None = None
 
     def start_http(self) -> tuple[str, int]:

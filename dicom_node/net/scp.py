@@ -24,6 +24,7 @@ from pydicom.uid import UID
 from dicom_node import incoming
 from dicom_node.config import Config
 from dicom_node.intake import Intake
+from dicom_node.net.slots import AssociationSlots, Slot
 from dicom_node.net.tls import server_context, set_nodelay
 from dicom_node.net.transport import GuardedServer, Limits
 from storage.ledger import Ledger
@@ -60,6 +61,44 @@ class _Unobserved:
         pass
 
 
+class SeriesCarriers(Protocol):
+    """Told which series associations carry, across every receiving process: a series whose last carrying
+    association was released is complete soon after (``series.complete_on_release``)."""
+
+    def carrying(self, series_uid: str) -> None: ...  # an association stored its first instance of this series
+
+    def dropped(self, series_uids: list[str], released: bool) -> None: ...  # an association carrying them ended
+
+
+class LedgerCarriers:
+    """Counts the associations carrying each series; records a release in the ledger when the last one of a
+    series ended with A-RELEASE (an aborted association completes nothing: the series waits for quiet_seconds)."""
+
+    def __init__(self, ledger: Ledger, complete_on_release: bool) -> None:
+        self.ledger = ledger
+        self.complete_on_release = complete_on_release
+        self._lock = threading.Lock()
+        self._count: Counter[str] = Counter()
+
+    def carrying(self, series_uid: str) -> None:
+        with self._lock:
+            self._count[series_uid] += 1
+
+    def dropped(self, series_uids: list[str], released: bool) -> None:
+        done = []
+        with self._lock:
+            for uid in series_uids:
+                self._count[uid] -= 1
+                if self._count[uid] <= 0:
+                    del self._count[uid]
+                    done.append(uid)
+        if released and self.complete_on_release and done:
+            try:
+                self.ledger.mark_released(done)
+            except Exception:
+                log.exception("could not record association release")
+
+
 @dataclass
 class _AssocStats:
     calling_aet: str
@@ -76,13 +115,11 @@ class _AssocStats:
 class AssociationTracker:
     """Counts per association; knows which series active associations carry."""
 
-    def __init__(self, ledger: Ledger, complete_on_release: bool, observer: ReceiveObserver | None = None) -> None:
-        self.ledger = ledger
-        self.complete_on_release = complete_on_release
+    def __init__(self, carriers: SeriesCarriers, observer: ReceiveObserver | None = None) -> None:
+        self.carriers = carriers
         self.observer: ReceiveObserver = observer or _Unobserved()
         self._lock = threading.Lock()
         self._stats: dict[int, _AssocStats] = {}
-        self._carrying: Counter[str] = Counter()
 
     def opened(self, event: evt.Event) -> None:
         set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
@@ -95,6 +132,7 @@ class AssociationTracker:
 
     def stored(self, event: evt.Event, series_uid: str | None, ok: bool, duplicate: bool, nbytes: int) -> None:
         self.observer.instance_received("rejected" if not ok else "duplicate" if duplicate else "stored", nbytes)
+        first = False
         with self._lock:
             st = self._stats.get(id(event.assoc))
             if st is None:
@@ -103,12 +141,13 @@ class AssociationTracker:
                 st.stored += 1
                 st.duplicates += duplicate
                 st.bytes += nbytes
-                if series_uid and series_uid not in st.series:
-                    self._carrying[series_uid] += 1
                 if series_uid:
+                    first = series_uid not in st.series
                     st.series[series_uid] += 1
             else:
                 st.failed += 1
+        if first and series_uid:
+            self.carriers.carrying(series_uid)
 
     def ended(self, event: evt.Event, outcome: str) -> None:
         with self._lock:
@@ -121,18 +160,9 @@ class AssociationTracker:
             st = self._stats.pop(id(event.assoc), None)
             if st is None:
                 return
-            released = []
-            for uid in st.series:
-                self._carrying[uid] -= 1
-                if self._carrying[uid] <= 0:
-                    del self._carrying[uid]
-                    released.append(uid)
         secs = time.monotonic() - st.started
-        if st.outcome == "released" and self.complete_on_release and released:
-            try:
-                self.ledger.mark_released(released)
-            except Exception:
-                log.exception("could not record association release")
+        if st.series:
+            self.carriers.dropped(list(st.series), st.outcome == "released")
         log.info(
             "association from %s (%s) %s after %.2f s: %d stored (%d resent), %d failed, %.1f MB, %d series%s",
             st.calling_aet, st.peer, st.outcome, secs, st.stored, st.duplicates, st.failed, st.bytes / 1e6,
@@ -141,7 +171,8 @@ class AssociationTracker:
 
 
 class Admission:
-    """At most *limit* associations past their A-ASSOCIATE-RQ at a time.
+    """At most ``node.max_associations`` associations past their A-ASSOCIATE-RQ at a time, across every
+    receiving process (each admitted association holds one of the shared :class:`AssociationSlots`).
 
     pynetdicom 3.0 counts every acceptor thread against
     ``AE.maximum_associations``, including connections that have not sent
@@ -151,18 +182,19 @@ class Admission:
     still waiting are bounded by the transport (``Limits.max_pending``).
     """
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, slots: AssociationSlots) -> None:
+        self.slots = slots
         self._lock = threading.Lock()
-        self._admitted: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._held: dict[int, tuple[weakref.ref[Any], Slot]] = {}
 
     def requested(self, event: evt.Event) -> None:
         assoc = event.assoc
-        with self._lock:
-            live = [a for a in self._admitted if a.is_alive()]
-            if len(live) < self.limit:
-                self._admitted.add(assoc)
-                return
+        self._sweep()
+        slot = self.slots.acquire()
+        if slot is not None:
+            with self._lock:
+                self._held[id(assoc)] = (weakref.ref(assoc), slot)
+            return
         # transient, service provider (presentation), local limit exceeded: what pynetdicom's own limit answers,
         # and, as pynetdicom does after its own rejections, EVT_REJECTED: the rejection handler logs and records it
         assoc.acse.send_reject(0x02, 0x03, 0x02)
@@ -171,7 +203,17 @@ class Admission:
 
     def closed(self, event: evt.Event) -> None:
         with self._lock:
-            self._admitted.discard(event.assoc)
+            held = self._held.pop(id(event.assoc), None)
+        if held is not None:
+            held[1].release()
+
+    def _sweep(self) -> None:
+        """Free the slots of associations that ended without EVT_CONN_CLOSE (a thread that died)."""
+        with self._lock:
+            gone = [k for k, (ref, _) in self._held.items() if (a := ref()) is None or not a.is_alive()]
+            slots = [self._held.pop(k)[1] for k in gone]
+        for slot in slots:
+            slot.release()
 
 
 def make_store_handler(intake: Intake, tracker: AssociationTracker) -> Callable[[evt.Event], int]:
@@ -200,7 +242,7 @@ def build_ae(cfg: Config) -> AE:
     ae = AE(ae_title=cfg.node.ae_title)
     # Admission enforces node.max_associations on requested associations; pynetdicom's own count
     # (every acceptor thread, waiting connections included) is only a backstop above it
-    ae.maximum_associations = cfg.node.max_associations + connection_limits(cfg).max_pending
+    ae.maximum_associations = cfg.node.max_associations + pending_limit(cfg)
     ae.maximum_pdu_size = cfg.node.max_pdu
     ae.acse_timeout = cfg.node.acse_timeout
     ae.dimse_timeout = cfg.node.dimse_timeout
@@ -213,17 +255,28 @@ def build_ae(cfg: Config) -> AE:
     return ae
 
 
-def connection_limits(cfg: Config) -> Limits:
-    """Deadlines and caps for every connection (see :mod:`dicom_node.net.transport`)."""
+def connection_limits(cfg: Config, receivers: int = 1) -> Limits:
+    """Deadlines and caps for every connection of one of *receivers* receiving processes (each gets its share of
+    the connections that may wait for their association request; see :mod:`dicom_node.net.transport`)."""
     n = cfg.node
     return Limits(acse_timeout=n.acse_timeout, network_timeout=n.network_timeout, max_pdu=n.max_pdu,
-                  max_pending=max(16, 4 * n.max_associations))
+                  max_pending=max(4, -(-pending_limit(cfg) // receivers)))
 
 
-def start_scp(cfg: Config, ledger: Ledger, intake: Intake, observer: ReceiveObserver | None = None) -> GuardedServer:
+def pending_limit(cfg: Config) -> int:
+    """Connections that may wait for their association request, all receiving processes together."""
+    return max(16, 4 * cfg.node.max_associations)
+
+
+def start_scp(cfg: Config, ledger: Ledger, intake: Intake, observer: ReceiveObserver | None = None, *,
+              slots: AssociationSlots, carriers: SeriesCarriers | None = None, reuse_port: bool = False,
+              receivers: int = 1) -> GuardedServer:
     """Start the SCP in the background and return its server (``.shutdown()`` to stop).
 
-    *observer* is told of every association and instance (see :class:`ReceiveObserver`)."""
+    *observer* is told of every association and instance (see :class:`ReceiveObserver`), *carriers* of the
+    series associations carry (default: this process's own :class:`LedgerCarriers`).  *slots* bound the
+    associations of every receiving process of this ``serve``; with *reuse_port* the listening socket shares its
+    port with the other *receivers* (``SO_REUSEPORT``)."""
     # Stream each received data set straight into the spool's incoming folder
     # (same file system as its final place, so it is renamed, not copied).
     _config.STORE_RECV_CHUNKED_DATASET = True
@@ -231,8 +284,8 @@ def start_scp(cfg: Config, ledger: Ledger, intake: Intake, observer: ReceiveObse
     _config.LOG_HANDLER_LEVEL = "none"
 
     ae = build_ae(cfg)
-    tracker = AssociationTracker(ledger, cfg.series.complete_on_release, observer)
-    admission = Admission(cfg.node.max_associations)
+    tracker = AssociationTracker(carriers or LedgerCarriers(ledger, cfg.series.complete_on_release), observer)
+    admission = Admission(slots)
     handlers: list[evt.EventHandlerType] = [
         (evt.EVT_CONN_OPEN, tracker.opened),
         (evt.EVT_REQUESTED, admission.requested),
@@ -247,10 +300,40 @@ def start_scp(cfg: Config, ledger: Ledger, intake: Intake, observer: ReceiveObse
     ]
     ssl_ctx = server_context(cfg.security.tls) if cfg.security.tls else None
     server = ae.make_server((cfg.node.host, cfg.node.port), evt_handlers=handlers, ssl_context=ssl_ctx,
-                            server_class=GuardedServer, limits=connection_limits(cfg))
+                            server_class=GuardedServer, limits=connection_limits(cfg, receivers),
+                            reuse_port=reuse_port)
     assert isinstance(server, GuardedServer)
     server.start()
     return server
+
+
+def stop_receiving(server: GuardedServer, grace: float) -> None:
+    """Stop the SCP within *grace* + about 3 s, whatever peers do.
+
+    New connections stop at once, and so do connections that have not yet
+    sent their association request.  Established associations get *grace*
+    seconds to finish; then they are aborted and every connection is cut (a
+    peer stalled mid-PDU cannot hold us).
+    """
+    server.shutdown()
+    server.close_connections(unassociated_only=True)
+
+    def established() -> list[Any]:
+        return [a for a in server.active_associations if a.is_established]
+
+    deadline = time.monotonic() + grace
+    while established() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = established()
+    if left:
+        log.warning("%d association(s) still open at shutdown; aborting them", len(left))
+        for a in left:
+            a.abort(block=False)  # the A-ABORT goes out unless the reactor is blocked on a stalled peer
+        time.sleep(0.5)
+    server.close_connections()
+    deadline = time.monotonic() + 2.0
+    while established() and time.monotonic() < deadline:  # let the reactors see it (and fire their events)
+        time.sleep(0.05)
 
 
 #: (result, source, diagnostic) of an A-ASSOCIATE-RJ we send -> the short reason ``/metrics`` labels it with

@@ -277,9 +277,11 @@ class GuardedServer(ThreadedAssociationServer):
     """
 
     daemon_threads = True  # a connection thread never keeps the process alive
+    request_queue_size = 64  # listen backlog (socketserver: 5): parallel senders connecting at once are not dropped
 
-    def __init__(self, *args: Any, limits: Limits, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, limits: Limits, reuse_port: bool = False, **kwargs: Any) -> None:
         self.limits = limits
+        self.reuse_port = reuse_port
         self._conns: weakref.WeakSet[_PduGuard] = weakref.WeakSet()
         self._conns_lock = threading.Lock()
         kwargs.setdefault("request_handler", GuardedHandler)
@@ -287,6 +289,14 @@ class GuardedServer(ThreadedAssociationServer):
         if self.ssl_context is not None:
             self.ssl_context.sslsocket_class = GuardedSSLSocket  # documented SSLContext attribute
         self._thread: threading.Thread | None = None
+
+    def server_bind(self) -> None:
+        """Bind; with ``reuse_port``, share the port with the other receiving processes of this ``serve``
+        (``SO_REUSEPORT``: the kernel spreads new connections over every socket bound to it by the same user)."""
+        if self.reuse_port:
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.serve_forever, name="AcceptorServer", daemon=True)
