@@ -16,7 +16,13 @@ process.
 C-STORE handler stages are timed (``stage_timer.py``) and prints where each
 instance's time goes.
 
+``--senders 1,4,8`` measures parallel senders instead (``ingest_parallel.py``): S storescu
+processes at once, each its own association and series, to ``dicomnode serve`` with
+``[node] receivers = N`` for each N of ``--receivers``, Orthanc and dcmtk ``storescp --fork``;
+aggregate instances/s, every instance checked to have arrived.
+
 Usage: python benchmarks/ingest.py [--rounds 3] [--memory] [--stages]
+       python benchmarks/ingest.py --senders 1,4,8 [--receivers 1,2] [--rounds 3] [--instances-per-sender 200]
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ def generate(folder: Path, slices: int, size: int) -> tuple[list[Path], int]:
 
 
 def node_config(folder: Path, port: int) -> Path:
-    cfg = {
+    cfg: dict[str, dict[str, object]] = {
         "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port},
         "security": {"allowed_calling_aets": ["STORESCU"]},
         "storage": {"dir": str(folder / "var"), "min_free_mb": 64},
@@ -156,6 +162,17 @@ def machine() -> str:
     return f"{socket.gethostname()}: {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
 
 
+def counts(text: str) -> list[int]:
+    """``1,4,8`` -> [1, 4, 8] (positive integers)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"not a list of positive integers: {text!r}")
+    return values
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
@@ -163,12 +180,22 @@ def main() -> int:
     ap.add_argument("--memory", action="store_true", help="also measure serve's peak memory on a ~1 GB series")
     ap.add_argument("--stages", action="store_true", help="also time each stage of dicomnode's C-STORE handler")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "dicomnode-bench")
+    ap.add_argument("--senders", type=counts, help="parallel mode: sender counts, e.g. 1,4,8")
+    ap.add_argument("--receivers", type=counts, default=[1],
+                    help="parallel mode: dicomnode's [node] receivers values, e.g. 1,2 (default 1)")
+    ap.add_argument("--instances-per-sender", type=int, default=200, help="parallel mode: each sender's series")
     args = ap.parse_args()
     if shutil.which("storescu") is None:
         print("dcmtk is not installed (apt-get install dcmtk)", file=sys.stderr)
         return 2
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
+    if args.senders:
+        from ingest_parallel import run_parallel
+
+        print(f"# {machine()}")
+        print(f"# load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min)")
+        return run_parallel(args.senders, args.receivers, args.rounds, args.instances_per_sender, work)
     files, nbytes = generate(work / "series500", args.instances, 256)
     print(f"# {machine()}")
     print(f"# series: {len(files)} instances of 256x256x16 bit, {nbytes / 1e6:.1f} MB; one association per send")
