@@ -8,8 +8,9 @@ summary verdict is the worst of them, with the reasons of every check that did n
   in the checkpoint metadata as ``qc_reference``; ``python -m ml.reference`` recomputes it for a
   checkpoint from its training subjects; :func:`check_input` at inference): the histogram of the
   network input inside the head mask (the harmonised intensities the network sees) against the
-  nearest training volume's, the head-mask volume fraction, the in-plane voxel size, the slice thickness, the in-plane
-  size and the slice orientation.
+  nearest training volume's, the tissue contrast order (:func:`quartile_skewness`: on a T1 the bulk of the head,
+  brain tissue, is bright and a minority, fluid and bone, dark; inverted intensities reverse that), the head-mask
+  volume fraction, the in-plane voxel size, the slice thickness, the in-plane size and the slice orientation.
 * **Prediction stability** (:func:`flip_disagreement`): the prediction on the left-right mirrored
   input, mirrored back, compared with the prediction (test-time augmentation); a brain is nearly
   symmetric, so a model that has learnt the contrast gives nearly the same image.
@@ -28,7 +29,8 @@ import numpy as np
 
 from .data import INPUT_CLIP
 
-__all__ = ["Check", "QCResult", "Verdict", "check_input", "flip_disagreement", "input_reference", "summarize"]
+__all__ = ["Check", "QCResult", "Verdict", "check_input", "flip_disagreement", "input_reference", "quartile_skewness",
+           "summarize"]
 
 BINS = 64
 HIST_RANGE = (0.0, INPUT_CLIP)  # the harmonised input range
@@ -84,6 +86,17 @@ def _w1(p: np.ndarray, q: np.ndarray) -> float:
     return float(np.abs(np.cumsum(p) - np.cumsum(q)).sum() * width)
 
 
+def quartile_skewness(normed: np.ndarray, mask: np.ndarray) -> float:
+    """Bowley's quartile skewness of the intensities inside *mask*, ``(q3 + q1 - 2 q2) / (q3 - q1)`` in [-1, 1]:
+    negative when the median lies nearer the bright quartile (the bulk of the head bright, a minority dark: a T1,
+    whose brain tissue is brighter than fluid and bone), positive when it lies nearer the dark one.  Quartiles, so
+    the bright scalp fat of a whole-head scan, a minority, barely moves it; inverting the intensities negates it."""
+    if not mask.any():
+        return 0.0
+    q1, q2, q3 = np.percentile(normed[mask], [25.0, 50.0, 75.0])
+    return float((q3 + q1 - 2.0 * q2) / (q3 - q1)) if q3 > q1 else 0.0
+
+
 def _axial_angle(affine: np.ndarray) -> float:
     """Degrees between the slice normal (third array axis) and the patient's head-foot axis."""
     normal = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
@@ -92,7 +105,8 @@ def _axial_angle(affine: np.ndarray) -> float:
 
 def _facts(normed: np.ndarray, mask: np.ndarray, affine: np.ndarray, acquisition: np.ndarray) -> dict[str, Any]:
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    return {"histogram": _histogram(normed, mask), "mask_fraction": float(mask.mean()),
+    return {"histogram": _histogram(normed, mask), "quartile_skewness": quartile_skewness(normed, mask),
+            "mask_fraction": float(mask.mean()),
             "in_plane_mm": float(max(zooms[0], zooms[1])), "thickness_mm": float(zooms[2]),
             "in_plane_size": int(max(normed.shape[0], normed.shape[1])), "axial_angle": _axial_angle(acquisition)}
 
@@ -106,14 +120,15 @@ def _nearest(hist: np.ndarray, others: Sequence[np.ndarray]) -> float:
     return min(_w1(hist, o) for o in others)
 
 
-def input_reference(volumes: Sequence[Volume]) -> dict[str, Any]:
-    """Compact reference of the training inputs.
+def input_reference(volumes: Sequence[Volume], contrast: str | None = None) -> dict[str, Any]:
+    """Compact reference of the training inputs (of *contrast*, e.g. ``"T1"``, named in the reasons when given).
 
     Besides the mean histogram it keeps every training volume's histogram (``histograms``, BINS numbers each) and
     ``histogram_nn_max``: how far the most isolated training volume lies from its nearest other training volume.
     The training inputs are a mixture (whole-head scans, whose brightest tissue is scalp fat, and skull-stripped
     ones, whose brightest tissue is white matter), so a distance to their mean says little; a distance to the
-    nearest training volume says whether a scan like this one was seen."""
+    nearest training volume says whether a scan like this one was seen.  ``quartile_skewness`` is the range of the
+    training volumes' :func:`quartile_skewness` (the tissue contrast order)."""
     if not volumes:
         raise ValueError("input_reference: no training volumes")
     facts = [_facts(*v) for v in volumes]
@@ -126,10 +141,11 @@ def input_reference(volumes: Sequence[Volume]) -> dict[str, Any]:
         return [float(min(f[key] for f in facts)), float(max(f[key] for f in facts))]
     return {"histogram": [float(x) for x in mean], "histogram_range": list(HIST_RANGE),
             "histogram_w1_max": float(spread), "histograms": [[round(float(x), 6) for x in h] for h in hists],
-            "histogram_nn_max": float(nn_max), "mask_fraction": rng("mask_fraction"),
+            "histogram_nn_max": float(nn_max), "quartile_skewness": rng("quartile_skewness"),
+            "mask_fraction": rng("mask_fraction"),
             "in_plane_mm": rng("in_plane_mm"), "thickness_mm": rng("thickness_mm"),
             "in_plane_size": rng("in_plane_size"), "axial_angle_max": float(max(f["axial_angle"] for f in facts)),
-            "n_volumes": len(facts)}
+            "n_volumes": len(facts), **({"contrast": str(contrast)} if contrast else {})}
 
 
 def _range_check(name: str, value: float, bounds: Sequence[float], slack: float, what: str, unit: str) -> Check:
@@ -167,10 +183,38 @@ def _histogram_check(hist: np.ndarray, reference: Mapping[str, Any]) -> Check:
                  f"training at most {warn:.3g})")
 
 
+TISSUE_ORDER_SLACK = 0.5
+"""The tissue-order check warns beyond the training range widened by this fraction of its width on each side: a
+handful of training volumes spans the range poorly (a new one of the same kind lies outside the range of six with
+probability 2/7)."""
+TISSUE_ORDER_FLOOR = 0.1
+"""Smallest widening (quartile-skewness units): a reference of near-identical training volumes would otherwise
+flag every scan."""
+
+
+def _tissue_order_check(value: float, reference: Mapping[str, Any]) -> Check:
+    """The input's :func:`quartile_skewness` against the training range (``quartile_skewness`` in the reference)."""
+    lo, hi = (float(x) for x in reference["quartile_skewness"])
+    slack = max(TISSUE_ORDER_SLACK * (hi - lo), TISSUE_ORDER_FLOOR)
+    lo_s, hi_s = lo - slack, hi + slack
+    threshold = f"warn outside [{lo_s:+.3g}, {hi_s:+.3g}]"
+    if lo_s <= value <= hi_s:
+        return Check("tissue_order", value, threshold, Verdict.PASS)
+    contrast = str(reference.get("contrast") or "scan")
+    bulk = "dark and a minority bright" if value > hi_s else "bright and a minority dark"
+    return Check("tissue_order", value, threshold, Verdict.WARN,
+                 f"tissue contrast order unlike any training {contrast}: the bulk of the head is {bulk} "
+                 f"(quartile skewness {value:+.2f}, training {lo:+.2f} to {hi:+.2f}): intensities inverted, "
+                 f"or another contrast?")
+
+
 def check_input(volume: Volume, reference: Mapping[str, Any]) -> list[Check]:
-    """Compare one input with the training reference."""
+    """Compare one input with the training reference (a reference without ``quartile_skewness``, from before the
+    tissue-order check, skips it)."""
     f = _facts(*volume)
     checks = [_histogram_check(f["histogram"], reference)]
+    if "quartile_skewness" in reference:
+        checks.append(_tissue_order_check(f["quartile_skewness"], reference))
     checks.append(_range_check("head_fraction", f["mask_fraction"], reference["mask_fraction"], 1.5,
                                "head mask fraction", ""))
     checks.append(_range_check("in_plane_voxel", f["in_plane_mm"], reference["in_plane_mm"], 1.5, "in-plane voxel",

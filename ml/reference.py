@@ -48,7 +48,7 @@ def training_reference(meta: dict[str, Any], data: Path) -> dict[str, Any]:
     for name in names:
         s = load_subject(data / name)
         volumes.append((s.input_image(source, method), head_mask(s.image(source)), s.affine, s.affine))
-    return input_reference(volumes)
+    return input_reference(volumes, contrast=source)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -424,7 +424,7 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, ra
     from .qc import input_reference
 
     meta["qc_reference"] = input_reference([(x, head_mask(s.image(src)), s.affine, s.affine)  # training data: axial
-                                            for x, s in zip(inputs, train_s)])
+                                            for x, s in zip(inputs, train_s)], contrast=src)
     meta["training"]["compute_seconds"] = float((state or {}).get("compute_seconds", 0.0))
 
     def snapshot(epoch: int, step: int) -> dict[str, Any]:

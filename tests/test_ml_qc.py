@@ -3,7 +3,9 @@
 Specification: every check has a name, a value, a threshold and a verdict; the summary is
 the worst verdict with the reasons of the checks that did not pass.  An input like the
 training data passes; inverted intensities, a sagittal thick-slice acquisition and noise
-inside a head-shaped mask are named as such.
+inside a head-shaped mask are named as such; a T1 whose tissue contrast order is reversed (the bulk of the head
+dark, a minority bright) is named by the tissue-order check, whose bounds come from the training volumes only, and
+a reference from before that check skips it.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ml.data import InputNorm, head_mask, input_volume, to_canonical
 from ml.inference import assess, load_model
-from ml.qc import Check, Verdict, check_input, input_reference, summarize
+from ml.qc import (TISSUE_ORDER_FLOOR, TISSUE_ORDER_SLACK, Check, Verdict, check_input, input_reference,
+                   quartile_skewness, summarize)
 from test_ml_units import _head, _tiny_checkpoint
 
 AXIAL = np.diag([-1.0, -1.0, 3.0, 1.0])
@@ -30,6 +34,20 @@ def _reference() -> dict:
     return input_reference([_input(_head((16, 48, 40), seed=s)) for s in range(3)])
 
 
+def _t1_like(shape: tuple[int, int, int] = (40, 48, 16), seed: int = 0) -> np.ndarray:
+    """A ball whose bulk is bright (a T1's brain tissue) and whose rim is dark (fluid): intensity falls as a high
+    power of the radius, so most voxels lie near the bright end; a little noise."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*(np.linspace(-1.15, 1.15, n) for n in shape), indexing="ij")
+    r = np.sqrt(x ** 2 + y ** 2 + z ** 2)
+    tissue = 1000.0 - 700.0 * r ** rng.uniform(5.0, 7.0) + rng.normal(0.0, 20.0, shape)
+    return np.where(r < 1.0, tissue, 0.0).astype(np.float32)
+
+
+def _t1_reference() -> dict:
+    return input_reference([_input(_t1_like(seed=s)) for s in range(3)], contrast="T1")
+
+
 def _verdicts(checks: list[Check]) -> dict[str, Verdict]:
     return {c.name: c.verdict for c in checks}
 
@@ -37,8 +55,8 @@ def _verdicts(checks: list[Check]) -> dict[str, Verdict]:
 def test_an_input_like_the_training_data_passes() -> None:
     result = summarize(check_input(_input(_head((16, 48, 40), seed=7)), _reference()))
     assert result.verdict is Verdict.PASS and result.reasons == ()
-    assert set(result.to_dict()["checks"]) == {"intensity_histogram", "head_fraction", "in_plane_voxel",
-                                               "slice_thickness", "in_plane_size", "orientation"}
+    assert set(result.to_dict()["checks"]) == {"intensity_histogram", "tissue_order", "head_fraction",
+                                               "in_plane_voxel", "slice_thickness", "in_plane_size", "orientation"}
 
 
 def test_inverted_intensities_fail_the_histogram_check() -> None:
@@ -48,6 +66,48 @@ def test_inverted_intensities_fail_the_histogram_check() -> None:
     result = summarize(check_input(_input(inverted), _reference()))
     assert _verdicts(list(result.checks))["intensity_histogram"] is not Verdict.PASS
     assert any("intensities unlike the training data" in r for r in result.reasons)
+
+
+def test_quartile_skewness_is_negative_when_the_bulk_is_bright_and_inversion_negates_it() -> None:
+    rng = np.random.default_rng(0)
+    bright_bulk = 1000.0 - 700.0 * rng.beta(1.5, 5.0, (30, 30, 30))  # most values near 1000, a tail towards 300
+    everywhere = np.ones(bright_bulk.shape, dtype=bool)
+    value = quartile_skewness(bright_bulk, everywhere)
+    assert value < -0.1
+    assert quartile_skewness(1400.0 - bright_bulk, everywhere) == pytest.approx(-value)
+    assert quartile_skewness(np.full((4, 4, 4), 5.0), np.ones((4, 4, 4), bool)) == 0.0  # no spread: no order
+    assert quartile_skewness(bright_bulk, ~everywhere) == 0.0  # empty mask
+
+
+def test_the_tissue_order_bounds_are_the_training_range_widened_by_half_its_width() -> None:
+    ref = _t1_reference()
+    values = [quartile_skewness(*_input(_t1_like(seed=s))[:2]) for s in range(3)]
+    assert ref["quartile_skewness"] == [pytest.approx(min(values)), pytest.approx(max(values))]
+    assert ref["contrast"] == "T1"
+    lo, hi = ref["quartile_skewness"]
+    slack = max(TISSUE_ORDER_SLACK * (hi - lo), TISSUE_ORDER_FLOOR)
+    check = {c.name: c for c in check_input(_input(_t1_like(seed=7)), ref)}["tissue_order"]
+    assert check.threshold == f"warn outside [{lo - slack:+.3g}, {hi + slack:+.3g}]"
+
+
+def test_an_inverted_t1_is_named_by_the_tissue_order_check() -> None:
+    ref = _t1_reference()
+    vol = _t1_like(seed=7)
+    assert _verdicts(check_input(_input(vol), ref))["tissue_order"] is Verdict.PASS
+    inverted = np.where(vol > 0, 1400.0 - vol, 0.0)
+    checks = {c.name: c for c in check_input(_input(inverted), ref)}
+    order = checks["tissue_order"]
+    assert order.verdict is Verdict.WARN and order.value > 0 > ref["quartile_skewness"][1]
+    assert order.reason.startswith("tissue contrast order unlike any training T1: the bulk of the head is dark")
+    assert "intensities inverted" in order.reason
+
+
+def test_a_reference_from_before_the_tissue_order_check_skips_it() -> None:
+    ref = _t1_reference()
+    del ref["quartile_skewness"], ref["contrast"]
+    vol = _t1_like(seed=7)
+    names = [c.name for c in check_input(_input(np.where(vol > 0, 1400.0 - vol, 0.0)), ref)]
+    assert "tissue_order" not in names and "intensity_histogram" in names
 
 
 def test_noise_inside_a_head_shaped_mask_is_flagged() -> None:

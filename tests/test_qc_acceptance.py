@@ -4,7 +4,8 @@ header checks (:func:`dicom_node.qc_header.header_checks`), on DICOM series made
 Specification: every real subject the shipped model did not see in training passes, in both directions; each
 out-of-distribution input is at least ``warn`` with a reason naming its cause: a post-contrast T1 sent as T1 with
 its contrast tags (header) and without them (image), a FLAIR sent as T2 with its inversion tags, a T1 resliced to
-sagittal 5 mm slices, a T1 with inverted intensities, noise inside a head-shaped mask.
+sagittal 5 mm slices, a T1 with inverted intensities (named by the tissue-order check, clear of its bound),
+noise inside a head-shaped mask.
 
 Data: open_ms_data (Lesjak et al. 2018, CC-BY), BraTS test data (BrainLesion/BraTS, Apache-2.0; BraTS data terms);
 see ../shared/data/README.md.  ``python tests/test_qc_acceptance.py`` prints every case's check values.
@@ -31,7 +32,7 @@ from dicom_node.qc_header import header_checks  # noqa: E402
 from dicom_node.volume import load_series  # noqa: E402
 from ml.data import CANONICAL, head_mask, load_volume, to_canonical  # noqa: E402
 from ml.inference import WEIGHTS_DIR, assess, load_model  # noqa: E402
-from ml.qc import QCResult, Verdict, summarize  # noqa: E402
+from ml.qc import TISSUE_ORDER_FLOOR, TISSUE_ORDER_SLACK, QCResult, Verdict, summarize  # noqa: E402
 from vocab import Direction  # noqa: E402
 
 pytestmark = [needs_shared, pytest.mark.shared, pytest.mark.slow]
@@ -113,7 +114,7 @@ CAUSES = {
     "T1c sent as T1 without contrast tags": ("intensity_histogram", "intensities unlike the training data"),
     "FLAIR sent as T2 with inversion tags": ("inversion_recovery", "FLAIR-like"),
     "T1 resliced to sagittal 5 mm": ("slice_geometry", "sagittal-like slices"),
-    "T1 with inverted intensities": ("intensity_histogram", "intensities unlike the training data"),
+    "T1 with inverted intensities": ("tissue_order", "tissue contrast order unlike any training T1"),
     "noise inside a head-shaped mask": ("intensity_histogram", "intensities unlike the training data"),
 }
 
@@ -144,6 +145,7 @@ def test_every_real_subject_the_shipped_model_did_not_see_passes(direction: str,
     contrast = Direction(direction).source.value
     result = run_series(direction, MRI / subject / f"{contrast}.nii.gz", contrast, {}, tmp_path)
     assert result.verdict is Verdict.PASS, f"{subject}: {result.reasons} ({_values(result)})"
+    assert "tissue_order" in {c.name for c in result.checks}  # the shipped references carry its bounds
 
 
 def test_the_unseen_subjects_are_the_three_the_shipped_models_held_out() -> None:
@@ -160,6 +162,17 @@ def test_out_of_distribution_input_is_at_least_warn_and_names_the_cause(case: st
     flagged = {c.name: c for c in result.checks if c.verdict is not Verdict.PASS}
     assert check in flagged, f"{case}: {check} passed ({_values(result)})"
     assert words in flagged[check].reason
+
+
+def test_an_inverted_t1_is_beyond_the_tissue_order_bound_by_a_clear_margin(tmp_path: Path) -> None:
+    """The histogram distance of this case cleared its threshold by 0.0003; the tissue order must do better."""
+    direction, path, weighting, tags, transform = CASES["T1 with inverted intensities"]
+    result = run_series(direction, path, weighting, tags, tmp_path, transform)
+    lo, hi = _model(direction).metadata["qc_reference"]["quartile_skewness"]
+    bound = hi + max(TISSUE_ORDER_SLACK * (hi - lo), TISSUE_ORDER_FLOOR)
+    order = {c.name: c for c in result.checks}["tissue_order"]
+    assert order.verdict is Verdict.WARN and "intensities inverted" in order.reason
+    assert order.value > bound + 0.1, f"tissue order {order.value:.3g}, warn bound {bound:.3g}"
 
 
 def main() -> None:
