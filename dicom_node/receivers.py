@@ -1,9 +1,12 @@
 """``[node] receivers = N``: N processes receive on one port, so parallel associations use several cores.
 
 ``serve`` itself is receiver 0; :class:`Receivers` keeps receivers 1..N-1 alive.  Each is its own
-pynetdicom AE listening with ``SO_REUSEPORT`` (the kernel spreads new connections over the sockets), writing
-through the same intake contract into the same spool and ledger, so durability is the same whichever process
-answers.  The limits are the node's, not each process's: associations hold the shared
+pynetdicom AE accepting from ``serve``'s listening socket (inherited), writing through the same intake contract
+into the same spool and ledger, so durability is the same whichever process answers.  A connection goes to
+whichever process accepts it first, which is one with time to spare.  (One socket per process with
+``SO_REUSEPORT`` spreads connections by a hash of their addresses instead, blind to load: four long associations
+often landed three on one process, and the other core idled; and a connection queued on the socket of a
+receiver that dies is reset, where on the shared socket another process takes it.)  The limits are the node's, not each process's: associations hold the shared
 :class:`~dicom_node.net.slots.AssociationSlots` and the connections that may wait for their request are
 divided between the processes.
 
@@ -15,13 +18,13 @@ completed by the release of one association, and ``/metrics`` counts every recei
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import multiprocessing as mp
 import os
 import queue
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -67,8 +70,9 @@ class _Relay:
         self.events.put(("dropped", series_uids, released))
 
 
-def receiver_main(cfg: Config, index: int, log_level: str, parent_pid: int, events: Any, slots_dir: str) -> None:
-    """Entry point of receiving process *index* (>= 1), spawned by ``serve``; *cfg* names the port it listens on."""
+def receiver_main(cfg: Config, index: int, log_level: str, parent_pid: int, events: Any, slots_dir: str,
+                  listen_socket: socket.socket) -> None:
+    """Entry point of receiving process *index* (>= 1), spawned by ``serve``: accepts from *listen_socket*."""
     from dicom_node.intake import Intake
     from dicom_node.logsetup import configure
     from dicom_node.net.scp import start_scp, stop_receiving
@@ -93,8 +97,8 @@ def receiver_main(cfg: Config, index: int, log_level: str, parent_pid: int, even
                     max_inflated=cfg.node.max_inflated_mb << 20)
     relay = _Relay(events)
     server = start_scp(cfg, ledger, intake, observer=relay, carriers=relay,
-                       slots=AssociationSlots(Path(slots_dir), cfg.node.max_associations), reuse_port=True,
-                       receivers=cfg.node.receivers)
+                       slots=AssociationSlots(Path(slots_dir), cfg.node.max_associations),
+                       receivers=cfg.node.receivers, listen_socket=listen_socket)
     log.info("receiver %d (pid %d) listening on port %d", index, os.getpid(), server.server_address[1])
     events.put(("listening",))
     while not stop.wait(1.0):
@@ -143,12 +147,13 @@ class Receivers:
         self.children: list[_Child] = []
         self.restarts = 0
         self._stopping = False
+        self.listen_socket: socket.socket | None = None
         self.observer: ReceiveObserver | None = None
         self.carriers: SeriesCarriers | None = None
 
-    def start(self, port: int, observer: ReceiveObserver, carriers: SeriesCarriers) -> None:
-        """Start receivers 1..N-1 on *port* (the SCP's actual port: ``node.port = 0`` picks one)."""
-        self.cfg = dataclasses.replace(self.cfg, node=dataclasses.replace(self.cfg.node, port=port))
+    def start(self, listen_socket: socket.socket, observer: ReceiveObserver, carriers: SeriesCarriers) -> None:
+        """Start receivers 1..N-1, accepting from *listen_socket* (``serve``'s)."""
+        self.listen_socket = listen_socket
         self.observer, self.carriers = observer, carriers
         for i in range(1, self.configured):
             self.children.append(self._spawn(i))
@@ -164,7 +169,8 @@ class Receivers:
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         events = self.ctx.Queue()
         proc = self.ctx.Process(target=receiver_main, name=f"receiver-{index}", daemon=False,
-                                args=(self.cfg, index, level, os.getpid(), events, str(self.slots_dir)))
+                                args=(self.cfg, index, level, os.getpid(), events, str(self.slots_dir),
+                                      self.listen_socket))
         proc.start()
         child = _Child(proc, events)
         child.relay = threading.Thread(target=self._relay, args=(child,), name=f"receiver-{index}-events",

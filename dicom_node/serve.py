@@ -213,8 +213,9 @@ def serve(cfg: Config, stop_event: threading.Event | None = None) -> int:
     watch = Monitor(cfg, pool, ledger, receivers=receivers)  # metrics and health; the SCP counts into it
     carriers = LedgerCarriers(ledger, cfg.series.complete_on_release)
     server = start_scp(cfg, ledger, intake, observer=watch.counters, carriers=carriers, slots=receivers.slots,
-                       reuse_port=cfg.node.receivers > 1, receivers=cfg.node.receivers)
-    receivers.start(server.server_address[1], watch.counters, carriers)
+                       receivers=cfg.node.receivers)
+    assert server.socket is not None
+    receivers.start(server.socket, watch.counters, carriers)
     monitor = CompletionMonitor(ledger, cfg)
     monitor.start()
     pool.start()

@@ -29,7 +29,7 @@ class NodeConfig:
     host: str = "0.0.0.0"
     port: int = 11112
     max_associations: int = 10
-    receivers: int = 1  # receiving processes sharing the port (SO_REUSEPORT)
+    receivers: int = 1  # receiving processes sharing the listening socket
     max_pdu: int = 262144  # largest PDU we accept (bytes); 0 = unlimited
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
@@ -85,6 +85,7 @@ class WorkerConfig:
     processes: int = 1
     lease_seconds: float = 300.0
     poll_seconds: float = 0.5
+    model_retry_seconds: float = 60.0  # a model that failed to load is tried again this often
 
 
 @dataclass(frozen=True)

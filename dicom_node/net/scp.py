@@ -8,6 +8,7 @@ per association.  No inference ever runs on an association thread.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import weakref
@@ -269,14 +270,14 @@ def pending_limit(cfg: Config) -> int:
 
 
 def start_scp(cfg: Config, ledger: Ledger, intake: Intake, observer: ReceiveObserver | None = None, *,
-              slots: AssociationSlots, carriers: SeriesCarriers | None = None, reuse_port: bool = False,
-              receivers: int = 1) -> GuardedServer:
+              slots: AssociationSlots, carriers: SeriesCarriers | None = None, receivers: int = 1,
+              listen_socket: socket.socket | None = None) -> GuardedServer:
     """Start the SCP in the background and return its server (``.shutdown()`` to stop).
 
     *observer* is told of every association and instance (see :class:`ReceiveObserver`), *carriers* of the
     series associations carry (default: this process's own :class:`LedgerCarriers`).  *slots* bound the
-    associations of every receiving process of this ``serve``; with *reuse_port* the listening socket shares its
-    port with the other *receivers* (``SO_REUSEPORT``)."""
+    associations of every receiving process of this ``serve``.  With *receivers* > 1 the listening socket is
+    shared by that many processes: ``serve``'s own, or *listen_socket* (``serve``'s, inherited) in the others."""
     # Stream each received data set straight into the spool's incoming folder
     # (same file system as its final place, so it is renamed, not copied).
     _config.STORE_RECV_CHUNKED_DATASET = True
@@ -301,7 +302,7 @@ def start_scp(cfg: Config, ledger: Ledger, intake: Intake, observer: ReceiveObse
     ssl_ctx = server_context(cfg.security.tls) if cfg.security.tls else None
     server = ae.make_server((cfg.node.host, cfg.node.port), evt_handlers=handlers, ssl_context=ssl_ctx,
                             server_class=GuardedServer, limits=connection_limits(cfg, receivers),
-                            reuse_port=reuse_port)
+                            listen_socket=listen_socket, shared=receivers > 1)
     assert isinstance(server, GuardedServer)
     server.start()
     return server

@@ -279,24 +279,38 @@ class GuardedServer(ThreadedAssociationServer):
     daemon_threads = True  # a connection thread never keeps the process alive
     request_queue_size = 64  # listen backlog (socketserver: 5): parallel senders connecting at once are not dropped
 
-    def __init__(self, *args: Any, limits: Limits, reuse_port: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, limits: Limits, listen_socket: socket.socket | None = None, shared: bool = False,
+                 **kwargs: Any) -> None:
         self.limits = limits
-        self.reuse_port = reuse_port
+        self._inherited = listen_socket
+        self.shared = shared or listen_socket is not None
         self._conns: weakref.WeakSet[_PduGuard] = weakref.WeakSet()
         self._conns_lock = threading.Lock()
         kwargs.setdefault("request_handler", GuardedHandler)
         super().__init__(*args, **kwargs)
         if self.ssl_context is not None:
             self.ssl_context.sslsocket_class = GuardedSSLSocket  # documented SSLContext attribute
+        if self.shared:
+            # several processes accept from this socket: the one that loses a race for a connection gets EAGAIN
+            # at once (with a timeout Python would wait on for the next connection); the one that wins is the
+            # one whose acceptor thread ran first, i.e. a process with time to spare
+            assert self.socket is not None
+            self.socket.settimeout(0)
         self._thread: threading.Thread | None = None
 
     def server_bind(self) -> None:
-        """Bind; with ``reuse_port``, share the port with the other receiving processes of this ``serve``
-        (``SO_REUSEPORT``: the kernel spreads new connections over every socket bound to it by the same user)."""
-        if self.reuse_port:
-            assert self.socket is not None
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        """Bind, or take over *listen_socket* (already bound and listening: another process's, inherited)."""
+        if self._inherited is None:
+            super().server_bind()
+            return
+        assert self.socket is not None
+        self.socket.close()  # the fresh one socketserver made
+        self.socket = self._inherited
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self._inherited is None:
+            super().server_activate()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.serve_forever, name="AcceptorServer", daemon=True)
