@@ -135,8 +135,9 @@ class Worker:
         for direction in self.cfg.model.directions:
             try:
                 self.model(direction)
-            except Exception as exc:  # jobs of this direction will fail with the same reason
-                log.error("model for %s could not be loaded: %s", direction.value, exc)
+            except Exception as exc:  # this worker takes no job of this direction until it loads
+                log.error("model for %s could not be loaded (its jobs are left to other workers; trying again "
+                          "every %.0f s): %s", direction.value, self.cfg.worker.model_retry_seconds, exc)
                 errors[direction.value] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return errors
 
@@ -149,18 +150,30 @@ class Worker:
                                m.engine.value)
             for d, m in self._models.items()}, errors)
 
-    def run(self, stop: threading.Event, on_ready: Callable[[ReadyReport], None] | None = None) -> None:
-        errors = self.warm_up()
+    def _report(self, errors: dict[str, str], on_ready: Callable[[ReadyReport], None] | None) -> None:
         if on_ready is not None:
             try:
                 on_ready(self.ready_report(errors))
             except Exception as exc:  # the node runs on; its health check says the worker is not ready
                 log.error("could not report this worker ready: %s", exc)
+
+    def run(self, stop: threading.Event, on_ready: Callable[[ReadyReport], None] | None = None) -> None:
+        errors = self.warm_up()
+        self._report(errors, on_ready)
+        retry_at = time.monotonic() + self.cfg.worker.model_retry_seconds
         log.info("worker %s polling the ledger", self.name)
         unreachable = False
         while not stop.is_set():
+            if errors and time.monotonic() >= retry_at:  # e.g. a checkpoint replaced, a GPU back
+                errors = self.warm_up()
+                self._report(errors, on_ready)
+                retry_at = time.monotonic() + self.cfg.worker.model_retry_seconds
+                if not errors:
+                    log.info("worker %s: every model loaded now", self.name)
+            # a direction whose model did not load is left to workers that have it: its jobs wait, not fail
+            usable = [d for d in self.cfg.model.directions if d.value not in errors] if errors else None
             try:
-                job = self.ledger.claim_job(self.name, self.cfg.worker.lease_seconds)
+                job = self.ledger.claim_job(self.name, self.cfg.worker.lease_seconds, directions=usable)
             except SQLAlchemyError as exc:  # e.g. a PostgreSQL ledger on another machine restarts
                 if not unreachable:
                     log.warning("ledger unreachable (%s); trying again every %.1f s",

@@ -213,3 +213,18 @@ def test_a_finished_later_generation_supersedes_the_earlier_job_whichever_finish
     assert ledger.claim_job("w3", 60) is not None and ledger.job_done(g3, "w3", {})
     jobs = {j.id: j for j in ledger.status().jobs}
     assert [jobs[i].state for i in (g1, g2, g3)] == ["superseded", "superseded", "done"]
+
+
+def test_a_worker_claims_only_jobs_of_the_directions_it_can_run_except_built_ones(ledger: Ledger) -> None:
+    from vocab import Direction
+
+    (jid,) = queue_jobs(ledger, 1)  # a t1-to-t2 job
+    assert ledger.claim_job("host:1", 30, directions=[Direction.T2_TO_T1]) is None
+    assert ledger.claim_job("host:1", 30, directions=[]) is None
+    job = ledger.claim_job("host:2", 30, directions=[Direction.T1_TO_T2])
+    assert job is not None and job.id == jid
+    assert ledger.job_built(jid, "host:2", output_dir="out/job-1", output_series_uid="1.2.9", output_instances=8,
+                            model_identity="m", timings={})
+    later = utcnow() + timedelta(seconds=31)  # host:2 died after building: delivering needs no model
+    taken = ledger.claim_job("host:1", 30, now=later, directions=[])
+    assert taken is not None and taken.id == jid and taken.state.value == "delivering"

@@ -303,7 +303,9 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
         },
     )
     worker = _simple_section(
-        ctx, "worker", data.get("worker", {}), WorkerConfig, {"processes": lambda k, v: _positive(ctx, k, v, int, True)}
+        ctx, "worker", data.get("worker", {}), WorkerConfig,
+        {"processes": lambda k, v: _positive(ctx, k, v, int, True),
+         "model_retry_seconds": lambda k, v: _positive(ctx, k, v, float)}
     )
     output = _simple_section(
         ctx,

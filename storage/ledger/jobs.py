@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 
@@ -64,17 +64,19 @@ class RetryOutcome:
 
 
 class JobQueue(LedgerBase):
-    def claim_job(self, worker: str, lease_seconds: float, now: datetime | None = None) -> ClaimedJob | None:
+    def claim_job(self, worker: str, lease_seconds: float, now: datetime | None = None, *,
+                  directions: Collection[Direction] | None = None) -> ClaimedJob | None:
+        """The next job for *worker*, leased to it; with *directions*, only jobs of those directions still to
+        synthesize (a job already built, in ``delivering``, needs no model and is claimed whatever its direction)."""
         now = now or utcnow()
-        claimable = or_(
+        expired = and_(Job.lease_expires_at.is_not(None), Job.lease_expires_at <= now, Job.next_attempt_at <= now)
+        to_run = or_(
             and_(Job.state == JobState.QUEUED.value, Job.next_attempt_at <= now),
-            and_(
-                Job.state.in_([JobState.RUNNING.value, JobState.DELIVERING.value]),
-                Job.lease_expires_at.is_not(None),
-                Job.lease_expires_at <= now,
-                Job.next_attempt_at <= now,
-            ),
+            and_(Job.state == JobState.RUNNING.value, expired),
         )
+        if directions is not None:
+            to_run = and_(to_run, Job.direction.in_([d.value for d in directions]))
+        claimable = or_(to_run, and_(Job.state == JobState.DELIVERING.value, expired))
         lease = now + timedelta(seconds=lease_seconds)
         with self.session() as s, s.begin():
             cand = s.execute(
