@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from dicom_node.monitoring.metrics import WorkerSlots, ready_reports
+from dicom_node.monitoring.metrics import ProcessView, WorkerSlots, ready_reports
 
 __all__ = ["Check", "Health", "HealthReport", "LedgerProbe"]
 
@@ -55,23 +55,12 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-class ReceiverView(Protocol):
-    @property
-    def index(self) -> int: ...
-
-    @property
-    def pid(self) -> int | None: ...
-
-    @property
-    def alive(self) -> bool: ...
-
-
 class ReceivingProcesses(Protocol):
     """``serve``'s receiving processes as health sees them (:class:`dicom_node.receivers.Receivers`)."""
 
     configured: int
 
-    def states(self) -> Sequence[ReceiverView]: ...
+    def states(self) -> Sequence[ProcessView]: ...
 
 
 class Health:

@@ -33,7 +33,7 @@ from dicom_node import __version__
 from dicom_node.monitoring.readiness import ReadyReport, read_ready, ready_path
 from storage.ledger import LedgerTallies
 
-__all__ = ["LEDGER_CACHE_SECONDS", "STAGES", "STAGE_BUCKETS", "LedgerCollector", "LocalCollector", "ReceiveCounters",
+__all__ = ["LEDGER_CACHE_SECONDS", "STAGES", "STAGE_BUCKETS", "LedgerCollector", "LocalCollector", "ProcessView", "ReceiveCounters",
            "WorkerSlots", "build_registry", "ready_reports"]
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,9 @@ class WorkerSlots(Protocol):
     def slots(self) -> Sequence[SlotView]: ...
 
 
-class SlotView(Protocol):
+class ProcessView(Protocol):
+    """One child process of ``serve`` (a worker or a receiver) as monitoring sees it."""
+
     @property
     def index(self) -> int: ...
 
@@ -169,6 +171,8 @@ class SlotView(Protocol):
     @property
     def alive(self) -> bool: ...
 
+
+class SlotView(ProcessView, Protocol):
     @property
     def last_exit_code(self) -> int | None: ...
 
