@@ -33,8 +33,8 @@ from dicom_node import __version__
 from dicom_node.monitoring.readiness import ReadyReport, read_ready, ready_path
 from storage.ledger import LedgerTallies
 
-__all__ = ["LEDGER_CACHE_SECONDS", "STAGES", "STAGE_BUCKETS", "LedgerCollector", "LocalCollector", "ProcessView", "ReceiveCounters",
-           "WorkerSlots", "build_registry", "ready_reports"]
+__all__ = ["LEDGER_CACHE_SECONDS", "STAGES", "STAGE_BUCKETS", "LedgerCollector", "LocalCollector", "ProcessView",
+           "ReceiveCounters", "WorkerSlots", "build_registry", "ready_reports"]
 
 log = logging.getLogger(__name__)
 
