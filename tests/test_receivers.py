@@ -214,3 +214,33 @@ def test_a_series_still_arriving_through_another_receiver_is_not_completed_by_on
                            what="completion on the last release")
         assert st["series"][0]["instances"] == 12
         assert node.stop() == 0
+
+
+def test_every_receiver_speaks_tls_with_the_nodes_certificate(tmp_path: Path) -> None:
+    import ssl
+
+    from netutil import self_signed_cert
+
+    server_cert, server_key = self_signed_cert(tmp_path / "certs", "node")
+    client_cert, client_key = self_signed_cert(tmp_path / "certs", "modality")
+    tls = {"cert": str(server_cert), "key": str(server_key), "ca": str(client_cert), "require_client_cert": True}
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_cert))
+    ctx.load_cert_chain(str(client_cert), str(client_key))
+    series = make_series(SeriesSpec(slices=12, rows=32, cols=32))
+    node = NodeProcess(tmp_path / "n", node={"receivers": 2}, security={"tls": tls}).start(ready="port")
+    try:
+        serve_pid, child = node.proc.pid, receiver_pids(node)[1]  # type: ignore[union-attr]
+        ae = verification_ae()
+        owners = set()
+        for i in range(40):  # one association per instance (resends after the twelfth) until both took some
+            assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE", tls_args=(ctx, "127.0.0.1"))
+            assert assoc.is_established
+            owners.add(owner_of(assoc, node, [serve_pid, child]))
+            assert assoc.send_c_store(series[i % 12]).Status == SUCCESS
+            assoc.release()
+            if i >= 11 and len(owners) == 2:
+                break
+        assert owners == {serve_pid, child}
+        assert ledger_rows(node, "select count(*) from instances") == [(12,)]
+    finally:
+        assert node.stop() == 0
