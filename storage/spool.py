@@ -245,7 +245,9 @@ class Spool:
                     break
                 try:
                     d.rmdir()
-                except OSError:  # not empty (another series of the study), or already gone
+                except FileNotFoundError:  # an interrupted removal took it already: its study may still be left
+                    continue
+                except OSError:  # not empty (another series of the study)
                     if d.exists():
                         fsync_dir(d)
                     break

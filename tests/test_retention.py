@@ -295,3 +295,19 @@ def test_an_instance_arriving_while_a_prune_holds_the_spool_waits_and_is_then_st
             assert not result and not spooled(node, datasets[0]).exists(), "stored while retention held the spool"
         t.join(30)
         assert result == [[0, 0]] and all(spooled(node, ds).exists() for ds in datasets)
+
+
+def test_removing_a_series_whose_folder_an_interrupted_removal_already_took_still_removes_its_empty_study(
+        tmp_path: Path) -> None:
+    from storage.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    rel = [f"1.2.3/1.2.3.4/1.2.3.4.{i}.dcm" for i in range(3)]
+    for r in rel:
+        (spool.root / r).parent.mkdir(parents=True, exist_ok=True)
+        (spool.root / r).write_bytes(b"x")
+    for r in rel:  # a removal killed between the series folder and its study folder
+        (spool.root / r).unlink()
+    (spool.root / "1.2.3" / "1.2.3.4").rmdir()
+    assert spool.remove_series_files(rel) == rel  # finishing it: every file was already gone
+    assert not (spool.root / "1.2.3").exists(), "the empty study folder was left behind"
