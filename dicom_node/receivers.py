@@ -6,9 +6,9 @@ into the same spool and ledger, so durability is the same whichever process answ
 whichever process accepts it first, which is one with time to spare.  (One socket per process with
 ``SO_REUSEPORT`` spreads connections by a hash of their addresses instead, blind to load: four long associations
 often landed three on one process, and the other core idled; and a connection queued on the socket of a
-receiver that dies is reset, where on the shared socket another process takes it.)  The limits are the node's, not each process's: associations hold the shared
-:class:`~dicom_node.net.slots.AssociationSlots` and the connections that may wait for their request are
-divided between the processes.
+receiver that dies is reset, where on the shared socket another process takes it.)  The limits are the
+node's, not each process's: associations hold the shared :class:`~dicom_node.net.slots.AssociationSlots` and
+the connections that may wait for their request are divided between the processes.
 
 What only a receiving process sees travels to ``serve`` over one queue per receiver: the counters of
 ``/metrics`` (:class:`~dicom_node.net.scp.ReceiveObserver`) and which series its associations carry

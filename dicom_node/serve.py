@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from pydicom import dcmread
 
@@ -28,7 +28,6 @@ from dicom_node.monitoring.monitor import Monitor
 from dicom_node.prune import Pruner, RetentionThread
 from dicom_node.net.scp import LedgerCarriers, start_scp, stop_receiving
 from dicom_node.receivers import Receivers
-from dicom_node.net.transport import GuardedServer
 from storage.ledger import InstanceRecord, Ledger, worker_name
 from storage.spool import Spool
 
