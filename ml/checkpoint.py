@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointError", "FORMAT", "checkpoint_paths", "export_checkpoint", "load_checkpoint", "package_version", "save_checkpoint", "sha256_file"]
+__all__ = ["CheckpointError", "FORMAT", "checkpoint_paths", "export_checkpoint", "load_checkpoint", "package_version", "save_checkpoint", "sha256_file",
+           "write_metadata"]
 
 FORMAT = 1
 MODEL_STEM = "model"
@@ -90,6 +92,19 @@ def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: dict
     tmp_w.replace(wpath)
     tmp_m.replace(mpath)
     return wpath, mpath
+
+
+def write_metadata(path: str | Path, meta: dict[str, Any]) -> Path:
+    """Replace a checkpoint's metadata (JSON) atomically and durably, its weights untouched (so ``weights_sha256``,
+    and the digest an ONNX export records, stay valid); the layout :func:`save_checkpoint` writes."""
+    _, mpath = checkpoint_paths(path)
+    tmp = mpath.with_name(mpath.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(mpath)
+    return mpath
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:

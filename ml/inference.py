@@ -16,7 +16,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,8 +34,8 @@ from .networks import Architecture, NetworkOptions, OptionError, build_network, 
 if TYPE_CHECKING:
     from .qc import QCResult
 
-__all__ = ["DIRECTIONS", "Assessment", "assess", "assess_detail", "LoadedModel", "WEIGHTS_DIR", "default_checkpoint", "load_model", "predict_normalized", "write_onnx",
-           "resolve_device", "synthesize"]
+__all__ = ["DIRECTIONS", "Assessment", "assess", "assess_detail", "LoadedModel", "WEIGHTS_DIR", "default_checkpoint",
+           "flip_reference", "load_model", "predict_normalized", "write_onnx", "resolve_device", "synthesize"]
 
 log = logging.getLogger(__name__)
 
@@ -274,20 +274,21 @@ class Assessment:
 
 
 def assess(model: LoadedModel, data: np.ndarray, affine: np.ndarray, *, batch_size: int = 16,
-           every: int = 4, flip_warn: float = 0.10, flip_fail: float = 0.25) -> "QCResult":
+           every: int = 4, flip_warn: float | None = None, flip_fail: float | None = None) -> "QCResult":
     """Quality control of synthesizing *data* with *model*: the input against the checkpoint's
     training reference (``qc_reference``; skipped when the checkpoint has none) and the
     left-right flip disagreement on every *every*-th slice (both predictions of those slices:
     about ``2 / every`` of the inference cost, 50 % with the default).  Verdict thresholds: :mod:`ml.qc`;
-    the flip disagreement warns above *flip_warn* and fails above *flip_fail*."""
+    the flip disagreement's are the model's (:func:`ml.qc.flip_thresholds`) unless *flip_warn* / *flip_fail*
+    are given."""
     return assess_detail(model, data, affine, batch_size=batch_size, every=every, flip_warn=flip_warn,
                          flip_fail=flip_fail).result
 
 
 def assess_detail(model: LoadedModel, data: np.ndarray, affine: np.ndarray, *, batch_size: int = 16,
-                  every: int = 4, flip_warn: float = 0.10, flip_fail: float = 0.25) -> Assessment:
+                  every: int = 4, flip_warn: float | None = None, flip_fail: float | None = None) -> Assessment:
     """:func:`assess` with the sampled predictions it measured (for calibrating the QC against the real error)."""
-    from .qc import Check, Verdict, check_input, flip_disagreement, summarize
+    from .qc import Check, Verdict, check_input, flip_thresholds, summarize
 
     arr = np.asarray(data, dtype=np.float32)
     aff = np.asarray(affine, dtype=np.float64)
@@ -298,18 +299,47 @@ def assess_detail(model: LoadedModel, data: np.ndarray, affine: np.ndarray, *, b
     reference = model.metadata.get("qc_reference")
     if reference:
         checks += check_input((normed, mask, canon_aff, aff), reference)
-    ks = [int(k) for k in range(0, normed.shape[2], max(1, every)) if mask[:, :, k].any()]
-    pred = np.zeros(normed.shape[:2] + (0,), dtype=np.float32)
-    if ks:
-        stacks = np.stack([slice_stack(normed, k, model.options.context_slices) for k in ks])  # (N, C, X, Y)
-        pred = _predict_stacks(model, stacks, batch_size)
-        flipped = _predict_stacks(model, np.ascontiguousarray(stacks[:, :, ::-1]), batch_size)[:, ::-1]
-        pred, flipped = np.moveaxis(pred, 0, 2), np.moveaxis(flipped, 0, 2)
-        value = flip_disagreement(pred, np.ascontiguousarray(flipped), mask[:, :, ks])
-        warn, fail = flip_warn, flip_fail
+    ks, pred, value = _flip_pass(model, normed, mask, every, batch_size)
+    if value is not None:
+        warn, fail, basis = flip_thresholds(reference, flip_warn, flip_fail)
         verdict = Verdict.FAIL if value > fail else Verdict.WARN if value > warn else Verdict.PASS
-        checks.append(Check("flip_disagreement", value, f"warn > {warn}, fail > {fail}", verdict,
+        checks.append(Check("flip_disagreement", value, f"warn > {warn:.3g}, fail > {fail:.3g} ({basis})", verdict,
                             "" if verdict is Verdict.PASS else
-                            f"unstable prediction (mirrored input changes it by {100 * value:.0f} %)"))
+                            f"unstable prediction (mirrored input changes it by {100 * value:.0f} %, warn above "
+                            f"{100 * warn:.0f} %: {basis})"))
         pred = np.where(ndimage.binary_dilation(mask, iterations=2)[:, :, ks], pred, 0.0).astype(np.float32)
     return Assessment(summarize(checks), ks, pred, mask)
+
+
+def _flip_pass(model: LoadedModel, normed: np.ndarray, mask: np.ndarray, every: int,
+               batch_size: int) -> tuple[list[int], np.ndarray, float | None]:
+    """Every *every*-th slice with head of the network input *normed* (canonical), predicted as is and mirrored
+    left-right: (those slices, the prediction on them (X, Y, N), the flip disagreement; None without such slices)."""
+    from .qc import flip_disagreement
+
+    ks = [int(k) for k in range(0, normed.shape[2], max(1, every)) if mask[:, :, k].any()]
+    if not ks:
+        return ks, np.zeros(normed.shape[:2] + (0,), dtype=np.float32), None
+    stacks = np.stack([slice_stack(normed, k, model.options.context_slices) for k in ks])  # (N, C, X, Y)
+    pred = _predict_stacks(model, stacks, batch_size)
+    flipped = _predict_stacks(model, np.ascontiguousarray(stacks[:, :, ::-1]), batch_size)[:, ::-1]
+    pred, flipped = np.moveaxis(pred, 0, 2), np.moveaxis(flipped, 0, 2)
+    return ks, pred, flip_disagreement(pred, np.ascontiguousarray(flipped), mask[:, :, ks])
+
+
+FLIP_REFERENCE_EVERY = 4
+"""Slice sampling of the training flip figures (denser than the node's default ``[qc] flip_every``: a reference
+is computed once)."""
+
+
+def flip_reference(model: LoadedModel, volumes: Sequence[tuple[np.ndarray, np.ndarray]], *,
+                   every: int = FLIP_REFERENCE_EVERY, batch_size: int = 16) -> dict[str, Any]:
+    """The flip disagreement of *model* on its own training *volumes* (network input as training scaled it,
+    canonical; head mask), for the checkpoint's ``qc_reference``: the flip check warns and fails at multiples of
+    the largest (:func:`ml.qc.flip_thresholds`).  Empty when no volume has a slice with head."""
+    values = [v for normed, mask in volumes
+              if (v := _flip_pass(model, np.asarray(normed, dtype=np.float32), mask, every, batch_size)[2]) is not None]
+    if not values:
+        return {}
+    return {"flip_disagreement_training": [round(v, 6) for v in values],
+            "flip_disagreement_max": round(max(values), 6), "flip_reference_every": every}

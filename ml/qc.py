@@ -13,7 +13,9 @@ summary verdict is the worst of them, with the reasons of every check that did n
   volume fraction, the in-plane voxel size, the slice thickness, the in-plane size and the slice orientation.
 * **Prediction stability** (:func:`flip_disagreement`): the prediction on the left-right mirrored
   input, mirrored back, compared with the prediction (test-time augmentation); a brain is nearly
-  symmetric, so a model that has learnt the contrast gives nearly the same image.
+  symmetric, so a model that has learnt the contrast gives nearly the same image.  Its thresholds belong to the
+  model (:func:`flip_thresholds`): multiples of the largest flip disagreement the model shows on its own training
+  volumes (``flip_disagreement_max`` in the reference, :func:`ml.inference.flip_reference`).
 
 Header facts that change the contrast (contrast agent, FLAIR-like inversion) are DICOM-side
 checks and live with the node's QC stage.
@@ -29,8 +31,8 @@ import numpy as np
 
 from .data import INPUT_CLIP
 
-__all__ = ["Check", "QCResult", "Verdict", "check_input", "flip_disagreement", "input_reference", "quartile_skewness",
-           "summarize"]
+__all__ = ["Check", "QCResult", "Verdict", "check_input", "flip_disagreement", "flip_thresholds", "input_reference",
+           "quartile_skewness", "summarize"]
 
 BINS = 64
 HIST_RANGE = (0.0, INPUT_CLIP)  # the harmonised input range
@@ -237,3 +239,33 @@ def flip_disagreement(pred: np.ndarray, pred_flipped_back: np.ndarray, mask: np.
         return 0.0
     level = float(np.mean(pred[mask])) or 1.0
     return float(np.mean(np.abs(pred[mask] - pred_flipped_back[mask])) / level)
+
+
+FLIP_WARN_FACTOR = 2.0
+"""The flip check warns beyond this multiple of the largest flip disagreement the model shows on its own training
+volumes.  Those figures are in-sample (the model was fitted to those scans), so a new scan of a training protocol
+is expected somewhat above them; the factor is a round number fixed before it was tested on held-out subjects
+(MODEL_CARD.md, "Quality control"), not fitted to them."""
+FLIP_FAIL_FACTOR = 5.0
+"""... and fails beyond this multiple (2.5 times the warning level, the ratio of the fixed thresholds before)."""
+FLIP_WARN_FIXED, FLIP_FAIL_FIXED = 0.10, 0.25
+"""Thresholds for a checkpoint whose reference has no training flip figure (trained before it was stored)."""
+
+
+def flip_thresholds(reference: Mapping[str, Any] | None, warn: float | None = None,
+                    fail: float | None = None) -> tuple[float, float, str]:
+    """(warn, fail, basis) of the flip check for a model with this training *reference*: FLIP_WARN_FACTOR and
+    FLIP_FAIL_FACTOR times its ``flip_disagreement_max``, or the fixed FLIP_WARN_FIXED / FLIP_FAIL_FIXED without one.
+    *warn* / *fail*, when given (``[qc] flip_warn`` / ``flip_fail``), replace the model's; fail is never below warn.
+    *basis* says where the figures come from, for the threshold text and the reason."""
+    top = float((reference or {}).get("flip_disagreement_max") or 0.0)
+    if top > 0:
+        w, f = FLIP_WARN_FACTOR * top, FLIP_FAIL_FACTOR * top
+        basis = f"{FLIP_WARN_FACTOR:g} and {FLIP_FAIL_FACTOR:g} x the model's largest on its training scans, {top:.3g}"
+    else:
+        w, f, basis = FLIP_WARN_FIXED, FLIP_FAIL_FIXED, "fixed: the checkpoint has no training figure"
+    if warn is not None or fail is not None:
+        basis = "[qc] flip_warn / flip_fail"
+    w = w if warn is None else float(warn)
+    f = f if fail is None else float(fail)
+    return w, max(f, w), basis

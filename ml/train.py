@@ -524,8 +524,24 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, ra
                             cfg.out, completed + 1, step_in)
             raise
     if rank == 0:
+        _store_flip_reference(Path(cfg.out), [(x, head_mask(s.image(src))) for x, s in zip(inputs, train_s)], device)
         _export_onnx(Path(cfg.out))
     return TrainResult(Path(cfg.out), True, completed)
+
+
+def _store_flip_reference(folder: Path, volumes: Sequence[tuple[np.ndarray, np.ndarray]], device: torch.device) -> None:
+    """Add the finished model's flip disagreement on its training inputs to the checkpoint's ``qc_reference``
+    (the flip check's thresholds are multiples of it, :func:`ml.qc.flip_thresholds`), measured through the node's
+    own loading and inference path."""
+    from .checkpoint import write_metadata
+    from .inference import flip_reference, load_model
+
+    figures = flip_reference(load_model(folder, device=str(device), engine="torch"), volumes)
+    meta = json.loads(checkpoint_paths(folder)[1].read_text())
+    meta["qc_reference"] = {**(meta.get("qc_reference") or {}), **figures}
+    write_metadata(folder, meta)
+    if figures:
+        log.info("flip disagreement on the training scans: at most %.3g", figures["flip_disagreement_max"])
 
 
 def _export_onnx(folder: Path) -> None:

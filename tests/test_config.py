@@ -146,3 +146,10 @@ def test_qc_policy_parses_into_enums_once(tmp_path: Path) -> None:
     assert "qc=on(warn=hold,fail=send)" in cfg.summary()
     off = load_config(write(tmp_path, GOOD + "\n[qc]\nenabled = false\n"))
     assert not off.qc.enabled and off.qc.on_fail is QCAction.HOLD
+
+
+def test_flip_thresholds_are_the_models_unless_configured(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.qc.flip_warn is None and cfg.qc.flip_fail is None  # the model's own (ml.qc.flip_thresholds)
+    one = load_config(write(tmp_path, GOOD + "\n[qc]\nflip_warn = 0.2\n"))
+    assert one.qc.flip_warn == 0.2 and one.qc.flip_fail is None

@@ -5,7 +5,9 @@ the worst verdict with the reasons of the checks that did not pass.  An input li
 training data passes; inverted intensities, a sagittal thick-slice acquisition and noise
 inside a head-shaped mask are named as such; a T1 whose tissue contrast order is reversed (the bulk of the head
 dark, a minority bright) is named by the tissue-order check, whose bounds come from the training volumes only, and
-a reference from before that check skips it.
+a reference from before that check skips it.  The flip check's thresholds belong to the model: multiples of the
+flip disagreement it shows on its own training scans (stored by training, measured exactly as the node measures a
+scan), fixed thresholds for a checkpoint without that figure, and ``[qc]`` values replace them when set.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import numpy as np
 import pytest
 
 from ml.data import InputNorm, head_mask, input_volume, to_canonical
-from ml.inference import assess, load_model
-from ml.qc import (TISSUE_ORDER_FLOOR, TISSUE_ORDER_SLACK, Check, Verdict, check_input, input_reference,
+from ml.inference import assess, flip_reference, load_model
+from ml.qc import (FLIP_FAIL_FACTOR, FLIP_FAIL_FIXED, FLIP_WARN_FACTOR, FLIP_WARN_FIXED, TISSUE_ORDER_FLOOR,
+                   TISSUE_ORDER_SLACK, Check, Verdict, check_input, flip_thresholds, input_reference,
                    quartile_skewness, summarize)
 from test_ml_units import _head, _tiny_checkpoint
 
@@ -136,3 +139,49 @@ def test_assess_reports_flip_disagreement_and_uses_the_checkpoint_reference(tmp_
     assert checks["flip_disagreement"]["value"] >= 0 and checks["flip_disagreement"]["verdict"] in ("pass", "warn", "fail")
     model.metadata["qc_reference"] = _reference()
     assert "intensity_histogram" in assess(model, _head((12, 40, 36)), AXIAL).to_dict()["checks"]
+
+
+def test_the_flip_thresholds_are_multiples_of_the_models_own_training_figure() -> None:
+    top = 0.04
+    warn, fail, basis = flip_thresholds({"flip_disagreement_max": top})
+    assert (warn, fail) == (pytest.approx(FLIP_WARN_FACTOR * top), pytest.approx(FLIP_FAIL_FACTOR * top))
+    assert basis == "2 and 5 x the model's largest on its training scans, 0.04"
+    fixed = (FLIP_WARN_FIXED, FLIP_FAIL_FIXED, "fixed: the checkpoint has no training figure")
+    assert flip_thresholds({"histogram": [1.0]}) == fixed  # a reference stored before the figure existed
+    assert flip_thresholds(None) == fixed
+    configured = "[qc] flip_warn / flip_fail"
+    assert flip_thresholds({"flip_disagreement_max": top}, warn=0.5) == (0.5, 0.5, configured)  # fail >= warn
+    assert flip_thresholds({"flip_disagreement_max": top}, fail=0.3) == (pytest.approx(FLIP_WARN_FACTOR * top), 0.3,
+                                                                          configured)
+
+
+def test_the_training_flip_figure_is_measured_as_the_node_measures_a_scan(tmp_path: Path) -> None:
+    model = load_model(_tiny_checkpoint(tmp_path / "ck"), device="cpu")
+    scans = [_head((12, 40, 36), seed=s) for s in range(2)]
+    inputs = []
+    for v in scans:  # as training scales them: canonical, in the model's input scaling, inside the head mask
+        canon, _ = to_canonical(v.astype(np.float32), AXIAL)
+        mask = head_mask(canon)
+        inputs.append((input_volume(canon, mask, model.input_norm), mask))
+    figures = flip_reference(model, inputs)
+    node = [assess(model, v, AXIAL).to_dict()["checks"]["flip_disagreement"]["value"] for v in scans]
+    assert figures["flip_disagreement_training"] == pytest.approx(node, abs=1e-6)
+    assert figures["flip_disagreement_max"] == pytest.approx(max(node), abs=1e-6) and max(node) > 0
+    assert flip_reference(model, [(np.zeros((8, 8, 4), np.float32), np.zeros((8, 8, 4), bool))]) == {}  # no head
+
+
+@pytest.mark.parametrize("ratio, verdict", [(1.0, "pass"), (FLIP_WARN_FACTOR + 0.5, "warn"),
+                                            (FLIP_FAIL_FACTOR + 1.0, "fail")])
+def test_assess_judges_the_flip_disagreement_against_the_checkpoints_training_figure(
+        tmp_path: Path, ratio: float, verdict: str) -> None:
+    model = load_model(_tiny_checkpoint(tmp_path / "ck"), device="cpu")
+    scan = _head((12, 40, 36))
+    value = assess(model, scan, AXIAL).to_dict()["checks"]["flip_disagreement"]["value"]
+    model.metadata["qc_reference"] = {**_reference(), "flip_disagreement_max": value / ratio}  # value = ratio x top
+    check = assess(model, scan, AXIAL).to_dict()["checks"]["flip_disagreement"]
+    assert check["verdict"] == verdict and "largest on its training scans" in check["threshold"]
+    assert (check["reason"] == "") == (verdict == "pass")
+    if verdict != "pass":
+        assert "unstable prediction" in check["reason"] and "largest on its training scans" in check["reason"]
+    configured = assess(model, scan, AXIAL, flip_warn=10 * value, flip_fail=20 * value)  # [qc] replaces the model's
+    assert configured.to_dict()["checks"]["flip_disagreement"]["verdict"] == "pass"

@@ -278,6 +278,9 @@ def test_training_with_tissue_peak_targets_records_them(tmp_path: Path) -> None:
     meta = json.loads((r.out / "model.json").read_text())
     assert meta["target_normalization"] == {"method": "tissue-peak", "span": 5.0}
     assert meta["output_scale"] > 0 and (r.out / "model.onnx").is_file()
+    ref = meta["qc_reference"]  # the finished model's flip disagreement on its own training scans, for the QC
+    assert len(ref["flip_disagreement_training"]) == ref["n_volumes"] == len(meta["training"]["train_subjects"])
+    assert ref["flip_disagreement_max"] == max(ref["flip_disagreement_training"]) > 0
 
 
 def test_force_removes_the_training_and_nothing_else(tmp_path: Path) -> None:

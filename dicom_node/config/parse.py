@@ -330,7 +330,7 @@ def parse_config(data: Mapping[str, Any], path: Path) -> Config:
             "flip_fail": lambda k, v: _positive(ctx, k, v, float),
         },
     )
-    if qc.flip_fail < qc.flip_warn:
+    if qc.flip_fail is not None and qc.flip_warn is not None and qc.flip_fail < qc.flip_warn:
         raise ctx.fail("qc.flip_fail", f"must be >= flip_warn ({qc.flip_warn:g}), got {qc.flip_fail:g}")
     delivery = _simple_section(
         ctx,

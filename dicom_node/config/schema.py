@@ -106,8 +106,10 @@ class QCConfig:
     on_warn: QCAction = QCAction.SEND
     on_fail: QCAction = QCAction.HOLD
     flip_every: int = 6  # the flip check predicts every n-th slice twice: about 2/n of the network's cost
-    flip_warn: float = 0.10  # flip disagreement (relative) above which the verdict is warn
-    flip_fail: float = 0.25  # ... and fail
+    # flip disagreement (relative) above which the verdict is warn / fail; unset: the model's own thresholds
+    # (multiples of its flip disagreement on its training scans, ml.qc.flip_thresholds)
+    flip_warn: float | None = None
+    flip_fail: float | None = None
 
 
 @dataclass(frozen=True)
