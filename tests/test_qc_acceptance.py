@@ -2,8 +2,10 @@
 header checks (:func:`dicom_node.qc_header.header_checks`), on DICOM series made from ../shared/data volumes.
 
 Specification: every real subject the shipped model did not see in training passes, in both directions; every real
-subject passes when checked by the cross-validation fold model that never saw it (``ml/weights/cv/``, both
-directions, each fold model with its own training reference and flip thresholds); each out-of-distribution input is at least ``warn`` with a reason naming its cause: a post-contrast T1 sent as T1 with
+subject passes when checked by the cross-validation fold model that never saw it (``ml/weights/cv/``: the T1->T2
+fold models, each with its own training reference and flip thresholds; the T2->T1 ones are not kept, MODEL_CARD.md
+says why); each out-of-distribution input is at least ``warn`` with a reason naming its cause: a post-contrast T1
+sent as T1 with
 its contrast tags (header) and without them (image), a FLAIR sent as T2 with its inversion tags, a T1 resliced to
 sagittal 5 mm slices, a T1 with inverted intensities (named by the tissue-order check, clear of its bound),
 noise inside a head-shaped mask.
