@@ -1,6 +1,7 @@
 """Inference and training throughput of the default ml model; writes BENCHMARKS.md sections.
 
-Usage: ``python benchmarks/inference.py [--device cpu|cuda] [--checkpoint DIR] [--write BENCHMARKS.md]``
+Usage: ``python benchmarks/inference.py [--device cpu|cuda] [--checkpoint DIR] [--direction t1-to-t2|t2-to-t1]
+[--write BENCHMARKS.md]``
 
 On CPU the engines run side by side in one run: torch eager, torch with a
 channels_last network, and ONNX Runtime (``model.engine = "auto"`` picks the
@@ -42,18 +43,18 @@ def _volume(shape: tuple[int, int, int]) -> np.ndarray:
 ENGINES = ("torch", "torch-channels-last", "onnxruntime")
 
 
-def _model(checkpoint: str, device: str, engine: str):  # type: ignore[no-untyped-def]
+def _model(checkpoint: str, device: str, engine: str, direction: str):  # type: ignore[no-untyped-def]
     if engine == "torch-channels-last":
-        model = load_model(checkpoint, "t1-to-t2", device=device, engine="torch")
+        model = load_model(checkpoint, direction, device=device, engine="torch")
         model.net = model.net.to(memory_format=torch.channels_last)
         return model
-    return load_model(checkpoint, "t1-to-t2", device=device, engine=engine)
+    return load_model(checkpoint, direction, device=device, engine=engine)
 
 
 def bench_inference(device: str, sizes: list[tuple[int, int, int]], repeats: int = 3, checkpoint: str = "default",
-                    engine: str = "torch") -> list[dict[str, Any]]:
+                    engine: str = "torch", direction: str = "t1-to-t2") -> list[dict[str, Any]]:
     rows = []
-    model = _model(checkpoint, device, engine)
+    model = _model(checkpoint, device, engine, direction)
     for shape in sizes:
         vol = _volume(shape)
         aff = np.diag([-0.7, -0.7, 3.0, 1.0])
@@ -131,7 +132,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--write", type=Path, default=None, help="BENCHMARKS.md to update")
-    ap.add_argument("--checkpoint", default="default", help="T1->T2 checkpoint (default: the shipped one)")
+    ap.add_argument("--checkpoint", default="default", help="checkpoint (default: the shipped one)")
+    ap.add_argument("--direction", default="t1-to-t2", choices=("t1-to-t2", "t2-to-t1"))
     args = ap.parse_args()
     dev = args.device
     threads = torch.get_num_threads()
@@ -140,11 +142,12 @@ def main() -> None:
     if dev.startswith("cuda"):
         sizes.append((256, 256, 176))
     engines = ENGINES if dev == "cpu" else ("torch",)
-    inf = [row for e in engines for row in bench_inference(dev, sizes, checkpoint=args.checkpoint, engine=e)]
+    inf = [row for e in engines for row in bench_inference(dev, sizes, checkpoint=args.checkpoint, engine=e,
+                                                            direction=args.direction)]
     tr = bench_training(dev)
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     hw = machine() if dev == "cpu" else torch.cuda.get_device_name(0)
-    meta = load_model(args.checkpoint, 't1-to-t2', device=dev).metadata
+    meta = load_model(args.checkpoint, args.direction, device=dev).metadata
     lines = [f"Model `{meta.get('name')}` {meta.get('version')} (U-Net, {meta['network']}),",
              f"full `ml.inference.synthesize` path (reorientation, mask, normalization, network, uint16 output), best of 3.",
              "", f"Machine: {hw}; device {dev}; torch {torch.__version__}, {threads} threads; {when}; "

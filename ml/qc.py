@@ -264,8 +264,12 @@ def flip_thresholds(reference: Mapping[str, Any] | None, warn: float | None = No
         basis = f"{FLIP_WARN_FACTOR:g} and {FLIP_FAIL_FACTOR:g} x the model's largest on its training scans, {top:.3g}"
     else:
         w, f, basis = FLIP_WARN_FIXED, FLIP_FAIL_FIXED, "fixed: the checkpoint has no training figure"
-    if warn is not None or fail is not None:
+    if warn is not None and fail is not None:
         basis = "[qc] flip_warn / flip_fail"
+    elif warn is not None:
+        basis = f"[qc] flip_warn; fail: {basis}"
+    elif fail is not None:
+        basis = f"[qc] flip_fail; warn: {basis}"
     w = w if warn is None else float(warn)
     f = f if fail is None else float(fail)
     return w, max(f, w), basis

@@ -149,10 +149,13 @@ def test_the_flip_thresholds_are_multiples_of_the_models_own_training_figure() -
     fixed = (FLIP_WARN_FIXED, FLIP_FAIL_FIXED, "fixed: the checkpoint has no training figure")
     assert flip_thresholds({"histogram": [1.0]}) == fixed  # a reference stored before the figure existed
     assert flip_thresholds(None) == fixed
-    configured = "[qc] flip_warn / flip_fail"
-    assert flip_thresholds({"flip_disagreement_max": top}, warn=0.5) == (0.5, 0.5, configured)  # fail >= warn
+    both = "[qc] flip_warn / flip_fail"
+    assert flip_thresholds({"flip_disagreement_max": top}, warn=0.3, fail=0.6) == (0.3, 0.6, both)
+    own = "2 and 5 x the model's largest on its training scans, 0.04"
+    assert flip_thresholds({"flip_disagreement_max": top}, warn=0.5) == (0.5, 0.5, f"[qc] flip_warn; fail: {own}")
     assert flip_thresholds({"flip_disagreement_max": top}, fail=0.3) == (pytest.approx(FLIP_WARN_FACTOR * top), 0.3,
-                                                                          configured)
+                                                                          f"[qc] flip_fail; warn: {own}")
+    assert flip_thresholds(None, fail=0.3)[2] == "[qc] flip_fail; warn: fixed: the checkpoint has no training figure"
 
 
 def test_the_training_flip_figure_is_measured_as_the_node_measures_a_scan(tmp_path: Path) -> None:

@@ -1,14 +1,14 @@
 """QC acceptance on real data (issue 12): the shipped models' QC, image checks (:func:`ml.inference.assess`) and
 header checks (:func:`dicom_node.qc_header.header_checks`), on DICOM series made from ../shared/data volumes.
 
-Specification: every real subject the shipped model did not see in training passes, in both directions; every real
-subject passes when checked by the cross-validation fold model that never saw it (``ml/weights/cv/``: the T1->T2
-fold models, each with its own training reference and flip thresholds; the T2->T1 ones are not kept, MODEL_CARD.md
-says why); each out-of-distribution input is at least ``warn`` with a reason naming its cause: a post-contrast T1
-sent as T1 with
-its contrast tags (header) and without them (image), a FLAIR sent as T2 with its inversion tags, a T1 resliced to
-sagittal 5 mm slices, a T1 with inverted intensities (named by the tissue-order check, clear of its bound),
-noise inside a head-shaped mask.
+Specification: every real subject the shipped model did not see in training passes, in both directions (a shipped
+model trained on every subject has none: its fold models stand in); every real subject passes when checked by the
+cross-validation fold model that never saw it (``ml/weights/cv/``, each with its own training reference and flip
+thresholds), except three clinical T2s in T2->T1 cross-validation that the input histogram warns on
+(``HISTOGRAM_WARNS_IN_CV``: issue 12's in-distribution criterion is not met there); each out-of-distribution input
+is at least ``warn`` with a reason naming its cause: a post-contrast T1 sent as T1 with its contrast tags (header)
+and without them (image), a FLAIR sent as T2 with its inversion tags, a T1 resliced to sagittal 5 mm slices, a T1
+with inverted intensities (named by the tissue-order check, clear of its bound), noise inside a head-shaped mask.
 
 Data: open_ms_data (Lesjak et al. 2018, CC-BY), BraTS test data (BrainLesion/BraTS, Apache-2.0; BraTS data terms);
 see ../shared/data/README.md.  ``python tests/test_qc_acceptance.py`` prints every case's check values.
@@ -189,19 +189,32 @@ def test_the_unseen_subjects_are_the_three_the_shipped_models_held_out() -> None
         assert unseen_subjects(direction) == ["brats_sri24_case", "openms_long_patient03_study2", "openms_mni_patient19"]
 
 
+HISTOGRAM_WARNS_IN_CV = {("t2-to-t1", "openms_long_patient01_study1"), ("t2-to-t1", "openms_long_patient01_study2"),
+                         ("t2-to-t1", "openms_long_patient03_study2")}
+"""Issue 12, not met for T2->T1: these held-out clinical whole-head T2s lie further (in tissue-peak input units) from
+every training T2 of their fold than the training T2s lie from each other, so the input histogram warns (MODEL_CARD.md,
+"In distribution, in cross-validation").  They are specified here as they are, a warning by that check alone, so that
+a change of the check (or of the models) that makes them pass, or makes anything else flag them, shows up."""
+
+
 @pytest.mark.parametrize("direction,fold,subject", cv_cases())
 def test_every_real_subject_passes_by_the_fold_model_that_never_saw_it(direction: str, fold: str, subject: str,
                                                                         tmp_path: Path) -> None:
     contrast = Direction(direction).source.value
     result = run_series(direction, MRI / subject / f"{contrast}.nii.gz", contrast, {}, tmp_path,
                         model=_fold_model(fold))
+    checks = {c.name: c for c in result.checks}
+    assert "largest on its training scans" in checks["flip_disagreement"].threshold  # the fold model's own thresholds
+    if (direction, subject) in HISTOGRAM_WARNS_IN_CV:
+        flagged = {c.name for c in result.checks if c.verdict is not Verdict.PASS}
+        assert result.verdict is Verdict.WARN and flagged == {"intensity_histogram"}, \
+            f"{subject} by {fold}: {result.reasons} ({_values(result)})"
+        return
     assert result.verdict is Verdict.PASS, f"{subject} by {fold}: {result.reasons} ({_values(result)})"
-    flip = {c.name: c for c in result.checks}["flip_disagreement"]
-    assert "largest on its training scans" in flip.threshold  # the fold model's own thresholds
 
 
 @needs_shared
-@pytest.mark.parametrize("direction", ["t1-to-t2"])  # T2->T1 fold models: not kept yet (MODEL_CARD.md)
+@pytest.mark.parametrize("direction", ["t1-to-t2", "t2-to-t1"])
 def test_the_fold_models_hold_out_every_real_subject_once(direction: str) -> None:
     held = [s for d, _, s in cv_cases() if d == direction]
     assert sorted(held) == real_subjects(), f"{direction}: {held}"
