@@ -1,0 +1,58 @@
+"""How far each training scan lies from its nearest other training scan, by scan and by patient: the figures behind
+the input-histogram threshold (``histogram_nn_max``, :func:`ml.qc.input_reference`) and MODEL_CARD.md's analysis of
+why it warns on held-out clinical T2s in cross-validation.
+
+Usage: ``python benchmarks/qc_histogram_spread.py CHECKPOINT [CHECKPOINT ...]``
+
+Reads only the checkpoints' JSON (``qc_reference.histograms``, in the order of ``training.train_subjects``), so it
+runs in a second.  For each checkpoint it prints the stored threshold, the same recomputed (leave one scan out),
+and the threshold if one *patient* were left out at a time (``ml.folds.subject_group``: two studies of one patient
+are then never each other's nearest neighbour), with the scan that sets each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml.checkpoint import checkpoint_paths
+from ml.folds import subject_group
+from ml.qc import _w1
+
+
+def spread(meta: dict[str, Any]) -> dict[str, Any]:
+    """Leave-one-scan-out and leave-one-patient-out nearest distances of the training histograms of *meta*."""
+    hists = [np.asarray(h, dtype=np.float64) for h in meta["qc_reference"]["histograms"]]
+    names = list(meta["training"]["train_subjects"])
+    if len(names) != len(hists):
+        raise SystemExit(f"{meta.get('name')}: {len(hists)} histograms for {len(names)} training subjects")
+    groups = [subject_group(n) for n in names]
+    dist = np.array([[_w1(a, b) for b in hists] for a in hists])
+    by_scan = [min(dist[i, j] for j in range(len(names)) if j != i) for i in range(len(names))]
+    by_patient = [min((dist[i, j] for j in range(len(names)) if groups[j] != groups[i]), default=0.0)
+                  for i in range(len(names))]
+    i, k = int(np.argmax(by_scan)), int(np.argmax(by_patient))
+    return {"stored": float(meta["qc_reference"].get("histogram_nn_max", float("nan"))),
+            "by_scan": (float(by_scan[i]), names[i]), "by_patient": (float(by_patient[k]), names[k]),
+            "n_scans": len(names), "n_patients": len(set(groups))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoints", nargs="+", type=Path)
+    args = ap.parse_args()
+    print("| checkpoint | scans / patients | stored | leave one scan out (set by) | leave one patient out (set by) |")
+    print("|---|---|---|---|---|")
+    for path in args.checkpoints:
+        meta = json.loads(checkpoint_paths(path)[1].read_text())
+        s = spread(meta)
+        print(f"| {path} | {s['n_scans']} / {s['n_patients']} | {s['stored']:.3f} | {s['by_scan'][0]:.3f} "
+              f"({s['by_scan'][1]}) | {s['by_patient'][0]:.3f} ({s['by_patient'][1]}) |")
+
+
+if __name__ == "__main__":
+    main()
