@@ -21,7 +21,7 @@ import numpy as np
 
 from ml.checkpoint import checkpoint_paths
 from ml.folds import subject_group
-from ml.qc import _w1
+from ml.qc import _nearest
 
 
 def spread(meta: dict[str, Any]) -> dict[str, Any]:
@@ -31,10 +31,10 @@ def spread(meta: dict[str, Any]) -> dict[str, Any]:
     if len(names) != len(hists):
         raise SystemExit(f"{meta.get('name')}: {len(hists)} histograms for {len(names)} training subjects")
     groups = [subject_group(n) for n in names]
-    dist = np.array([[_w1(a, b) for b in hists] for a in hists])
-    by_scan = [min(dist[i, j] for j in range(len(names)) if j != i) for i in range(len(names))]
-    by_patient = [min((dist[i, j] for j in range(len(names)) if groups[j] != groups[i]), default=0.0)
-                  for i in range(len(names))]
+    n = len(names)
+    by_scan = [_nearest(hists[i], [hists[j] for j in range(n) if j != i]) for i in range(n)]
+    by_patient = [_nearest(hists[i], others) if (others := [hists[j] for j in range(n) if groups[j] != groups[i]])
+                  else 0.0 for i in range(n)]
     i, k = int(np.argmax(by_scan)), int(np.argmax(by_patient))
     return {"stored": float(meta["qc_reference"].get("histogram_nn_max", float("nan"))),
             "by_scan": (float(by_scan[i]), names[i]), "by_patient": (float(by_patient[k]), names[k]),

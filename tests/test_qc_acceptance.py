@@ -34,6 +34,7 @@ from niftiseries import series_from_volume  # noqa: E402
 from dicom_node.qc_header import header_checks  # noqa: E402
 from dicom_node.volume import load_series  # noqa: E402
 from ml.data import CANONICAL, head_mask, load_volume, to_canonical  # noqa: E402
+from ml import folds  # noqa: E402
 from ml.inference import WEIGHTS_DIR, assess, load_model  # noqa: E402
 from ml.qc import TISSUE_ORDER_FLOOR, TISSUE_ORDER_SLACK, QCResult, Verdict, summarize  # noqa: E402
 from vocab import Direction  # noqa: E402
@@ -90,7 +91,8 @@ def cv_cases() -> list[tuple[str, str, str]]:
 
 
 def real_subjects() -> list[str]:
-    return sorted(p.name for p in MRI.iterdir() if p.is_dir() and p.name not in NOT_A_SUBJECT) if MRI.is_dir() else []
+    """The subject folders of the shared data that cross-validation splits (``ml.folds``: templates are not subjects)."""
+    return sorted(folds.real_subjects([p.name for p in MRI.iterdir() if p.is_dir()])) if MRI.is_dir() else []
 
 
 @functools.lru_cache(maxsize=1)
