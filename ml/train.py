@@ -3,9 +3,9 @@
 One call of :func:`train` runs a whole training (or resumes one): a checkpoint
 (``OUT/model.safetensors`` + ``OUT/model.json`` + ``OUT/resume.pt``) after every
 epoch, validation metrics on whole held-out subjects per epoch, mixed precision
-on CUDA, and DistributedDataParallel when started by ``torchrun`` (NCCL on GPU,
-gloo on CPU).  Ctrl-C saves a resume state first; ``--resume`` restarts the
-interrupted epoch.
+(:mod:`ml.precision`: fp16 on CUDA, bf16 on CPUs that compute it natively), and
+DistributedDataParallel when started by ``torchrun`` (NCCL on GPU, gloo on CPU).
+Ctrl-C saves a resume state first; ``--resume`` restarts the interrupted epoch.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from .inference import DIRECTIONS, predict_normalized, resolve_device
 from .evaluate import evaluation_mask
 from .metrics import NORMALIZATION_TEXT, QUALITY_TEXT, compare, quality
 from .networks import Architecture, NetworkOptions, build_discriminator, build_network, init_weights, parse_options
+from .precision import Precision, autocast, parse_precision, resolve_precision
 
 __all__ = ["TrainConfig", "TrainError", "TrainResult", "train"]
 
@@ -77,6 +78,7 @@ class TrainConfig:
     mri_augment: bool = False  # thick-slice 2-D acquisitions, bias fields, noise (on top of --augment)
     time_budget: float | None = None  # minutes; stop cleanly with a resumable state after this long
     log_every: float = 60.0  # seconds between plain progress lines (slices/s, ETA)
+    precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16" (ml.precision); a resumed run may change it
 
 
 # --------------------------------------------------------------------- utilities
@@ -219,8 +221,13 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[int, dict[str, Any]], None] |
             raise TrainError(f"{name}: must be >= {low}, got {value}")
     try:
         device = resolve_device(cfg.device)
+        precision = resolve_precision(cfg.precision, device)
     except ValueError as exc:
         raise TrainError(str(exc)) from None
+    if cfg.model == "cyclegan":
+        if parse_precision(cfg.precision) not in (Precision.AUTO, Precision.FP32):
+            raise TrainError(f"--precision: the CycleGAN trains in fp32 only, not {cfg.precision}")
+        precision = Precision.FP32
     net_raw = dict(cfg.network)
     net_raw["architecture"] = cfg.model
     if cfg.model == "cyclegan":
@@ -235,7 +242,7 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[int, dict[str, Any]], None] |
         torch.cuda.set_device(device)
     try:
         if cfg.model == "unet":
-            return _train_unet(cfg, opts, device, rank, world, on_epoch)
+            return _train_unet(cfg, opts, device, precision, rank, world, on_epoch)
         return _train_cyclegan(cfg, opts, device, rank, world, on_epoch)
     finally:
         if distributed:
@@ -358,8 +365,8 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, rank: int, world: int,
-                on_epoch: Callable[[int, dict[str, Any]], None] | None) -> TrainResult:
+def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, precision: Precision, rank: int,
+                world: int, on_epoch: Callable[[int, dict[str, Any]], None] | None) -> TrainResult:
     src, tgt = Direction(cfg.direction).source.value, Direction(cfg.direction).target.value
     try:
         loss_kind = parse_loss(cfg.loss)
@@ -381,11 +388,12 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, ra
                      "x".join(f"{v:.2g}" for v in s.spacing))
         for s in val_s:
             log.info("validation subject %s", s.name)
+        log.info("precision %s on %s", precision.value, device)
     inputs = [s.input_image(src, input_norm) for s in train_s]
     targets = [s.target_image(tgt, target_norm) for s in train_s]
     steps = cfg.steps_per_epoch or max(1, len(samples) // (cfg.batch_size * world))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps, eta_min=lr * 0.02)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision is Precision.FP16)
     history: list[dict[str, Any]] = []
     start_epoch, start_step = 0, 0
     state = _resume_state(cfg)
@@ -421,6 +429,7 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, ra
     meta["output_max"] = int(round(meta["output_scale"]))
     meta["window"] = [meta["output_max"] / 2.0, float(meta["output_max"])]
     meta["training"].update(_recipe(cfg))
+    meta["training"]["precision"] = precision.value  # of the last run; each epoch's is in the history
     from .qc import input_reference
 
     meta["qc_reference"] = input_reference([(x, head_mask(s.image(src)), s.affine, s.affine)  # training data: axial
@@ -466,7 +475,7 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, ra
                     if cfg.mri_augment:
                         x = mri_augment(x, gen)
                     x, y = x.to(device), y.to(device)
-                    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+                    with autocast(device, precision):
                         pred = ddp_net(x)
                     loss = training_loss(loss_kind, pred.float(), y, cfg.ssim_weight)
                     opt.zero_grad(set_to_none=True)
@@ -485,7 +494,8 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, ra
                         raise _OutOfTime
                 elapsed = time.perf_counter() - t0
                 record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, steps - first),
-                                          "train_slices_per_s": seen * world / elapsed, "seconds": elapsed}
+                                          "train_slices_per_s": seen * world / elapsed, "seconds": elapsed,
+                                          "precision": precision.value}
                 if loss_kind is Loss.L1:
                     record["train_l1"] = record["train_loss"]
                 if rank == 0:
