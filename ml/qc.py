@@ -9,8 +9,9 @@ summary verdict is the worst of them, with the reasons of every check that did n
   checkpoint from its training subjects; :func:`check_input` at inference): the histogram of the
   network input inside the head mask (the harmonised intensities the network sees) against the
   nearest training volume's, the tissue contrast order (:func:`quartile_skewness`: on a T1 the bulk of the head,
-  brain tissue, is bright and a minority, fluid and bone, dark; inverted intensities reverse that), the head-mask
-  volume fraction, the in-plane voxel size, the slice thickness, the in-plane size and the slice orientation.
+  brain tissue, is bright and a minority, fluid and bone, dark; inverted intensities reverse that), the spatial
+  structure (:func:`spatial_correlation`: neighbouring voxels of an image correlate, those of noise do not), the
+  head-mask volume fraction, the in-plane voxel size, the slice thickness, the in-plane size and the slice orientation.
 * **Prediction stability** (:func:`flip_disagreement`): the prediction on the left-right mirrored
   input, mirrored back, compared with the prediction (test-time augmentation); a brain is nearly
   symmetric, so a model that has learnt the contrast gives nearly the same image.  Its thresholds belong to the
@@ -32,7 +33,7 @@ import numpy as np
 from .data import INPUT_CLIP
 
 __all__ = ["Check", "QCResult", "Verdict", "check_input", "flip_disagreement", "flip_thresholds", "input_reference",
-           "quartile_skewness", "summarize"]
+           "quartile_skewness", "spatial_correlation", "summarize"]
 
 BINS = 64
 HIST_RANGE = (0.0, INPUT_CLIP)  # the harmonised input range
@@ -99,6 +100,24 @@ def quartile_skewness(normed: np.ndarray, mask: np.ndarray) -> float:
     return float((q3 + q1 - 2.0 * q2) / (q3 - q1)) if q3 > q1 else 0.0
 
 
+def spatial_correlation(normed: np.ndarray, mask: np.ndarray) -> float:
+    """Pearson correlation of in-plane neighbours inside *mask*: each voxel with the next one along either in-plane
+    axis (canonical axes 0 and 1; both voxels in the mask), the mean of the two axes.  An MR image is smooth on the
+    scale of a voxel (anatomy, the point-spread function), so its neighbours correlate strongly; independent noise
+    gives about 0.  0 when the mask has no pair of neighbours or no variation."""
+    values = []
+    for axis in (0, 1):
+        n = normed.shape[axis] - 1
+        a, b = np.take(normed, range(n), axis=axis), np.take(normed, range(1, n + 1), axis=axis)
+        both = np.take(mask, range(n), axis=axis) & np.take(mask, range(1, n + 1), axis=axis)
+        if both.sum() < 2:
+            continue
+        x, y = a[both].astype(np.float64), b[both].astype(np.float64)
+        if x.std() > 0 and y.std() > 0:
+            values.append(float(np.corrcoef(x, y)[0, 1]))
+    return float(np.mean(values)) if values else 0.0
+
+
 def _axial_angle(affine: np.ndarray) -> float:
     """Degrees between the slice normal (third array axis) and the patient's head-foot axis."""
     normal = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
@@ -108,7 +127,7 @@ def _axial_angle(affine: np.ndarray) -> float:
 def _facts(normed: np.ndarray, mask: np.ndarray, affine: np.ndarray, acquisition: np.ndarray) -> dict[str, Any]:
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     return {"histogram": _histogram(normed, mask), "quartile_skewness": quartile_skewness(normed, mask),
-            "mask_fraction": float(mask.mean()),
+            "spatial_correlation": spatial_correlation(normed, mask), "mask_fraction": float(mask.mean()),
             "in_plane_mm": float(max(zooms[0], zooms[1])), "thickness_mm": float(zooms[2]),
             "in_plane_size": int(max(normed.shape[0], normed.shape[1])), "axial_angle": _axial_angle(acquisition)}
 
@@ -130,7 +149,8 @@ def input_reference(volumes: Sequence[Volume], contrast: str | None = None) -> d
     The training inputs are a mixture (whole-head scans, whose brightest tissue is scalp fat, and skull-stripped
     ones, whose brightest tissue is white matter), so a distance to their mean says little; a distance to the
     nearest training volume says whether a scan like this one was seen.  ``quartile_skewness`` is the range of the
-    training volumes' :func:`quartile_skewness` (the tissue contrast order)."""
+    training volumes' :func:`quartile_skewness` (the tissue contrast order), ``spatial_correlation`` that of their
+    :func:`spatial_correlation`."""
     if not volumes:
         raise ValueError("input_reference: no training volumes")
     facts = [_facts(*v) for v in volumes]
@@ -144,7 +164,7 @@ def input_reference(volumes: Sequence[Volume], contrast: str | None = None) -> d
     return {"histogram": [float(x) for x in mean], "histogram_range": list(HIST_RANGE),
             "histogram_w1_max": float(spread), "histograms": [[round(float(x), 6) for x in h] for h in hists],
             "histogram_nn_max": float(nn_max), "quartile_skewness": rng("quartile_skewness"),
-            "mask_fraction": rng("mask_fraction"),
+            "spatial_correlation": [round(x, 6) for x in rng("spatial_correlation")], "mask_fraction": rng("mask_fraction"),
             "in_plane_mm": rng("in_plane_mm"), "thickness_mm": rng("thickness_mm"),
             "in_plane_size": rng("in_plane_size"), "axial_angle_max": float(max(f["axial_angle"] for f in facts)),
             "n_volumes": len(facts), **({"contrast": str(contrast)} if contrast else {})}
@@ -210,13 +230,33 @@ def _tissue_order_check(value: float, reference: Mapping[str, Any]) -> Check:
                  f"or another contrast?")
 
 
+STRUCTURE_WARN_FACTOR = 0.5
+"""The spatial-structure check warns below this fraction of the smallest :func:`spatial_correlation` among the
+training volumes (0.71-0.95 on the real T1s and T2s of ``../shared/data/mri``; independent noise: about 0)..."""
+STRUCTURE_FAIL_FACTOR = 0.25
+"""... and fails below this fraction: an input with next to no spatial structure is not an image of a head."""
+
+
+def _structure_check(value: float, reference: Mapping[str, Any]) -> Check:
+    """The input's :func:`spatial_correlation` against the smallest training one (``spatial_correlation``)."""
+    low = float(reference["spatial_correlation"][0])
+    warn, fail = STRUCTURE_WARN_FACTOR * low, STRUCTURE_FAIL_FACTOR * low
+    verdict = Verdict.FAIL if value < fail else Verdict.WARN if value < warn else Verdict.PASS
+    return Check("spatial_structure", value, f"warn < {warn:.3g}, fail < {fail:.3g}", verdict,
+                 "" if verdict is Verdict.PASS else
+                 f"no image structure: neighbouring voxels correlate at r = {value:.2f}, every training scan at "
+                 f"least {low:.2f} (noise, or a corrupt image?)")
+
+
 def check_input(volume: Volume, reference: Mapping[str, Any]) -> list[Check]:
-    """Compare one input with the training reference (a reference without ``quartile_skewness``, from before the
-    tissue-order check, skips it)."""
+    """Compare one input with the training reference (a reference from before a check existed, without
+    ``quartile_skewness`` or ``spatial_correlation``, skips that check)."""
     f = _facts(*volume)
     checks = [_histogram_check(f["histogram"], reference)]
     if "quartile_skewness" in reference:
         checks.append(_tissue_order_check(f["quartile_skewness"], reference))
+    if "spatial_correlation" in reference:
+        checks.append(_structure_check(f["spatial_correlation"], reference))
     checks.append(_range_check("head_fraction", f["mask_fraction"], reference["mask_fraction"], 1.5,
                                "head mask fraction", ""))
     checks.append(_range_check("in_plane_voxel", f["in_plane_mm"], reference["in_plane_mm"], 1.5, "in-plane voxel",

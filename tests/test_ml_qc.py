@@ -3,7 +3,8 @@
 Specification: every check has a name, a value, a threshold and a verdict; the summary is
 the worst verdict with the reasons of the checks that did not pass.  An input like the
 training data passes; inverted intensities, a sagittal thick-slice acquisition and noise
-inside a head-shaped mask are named as such; a T1 whose tissue contrast order is reversed (the bulk of the head
+inside a head-shaped mask are named as such (noise by the spatial-structure check: neighbouring voxels of an image
+correlate, those of noise do not; it fails below a quarter of the least structured training volume); a T1 whose tissue contrast order is reversed (the bulk of the head
 dark, a minority bright) is named by the tissue-order check, whose bounds come from the training volumes only, and
 a reference from before that check skips it.  The flip check's thresholds belong to the model: multiples of the
 flip disagreement it shows on its own training scans (stored by training, measured exactly as the node measures a
@@ -19,9 +20,9 @@ import pytest
 
 from ml.data import InputNorm, head_mask, input_volume, to_canonical
 from ml.inference import assess, flip_reference, load_model
-from ml.qc import (FLIP_FAIL_FACTOR, FLIP_FAIL_FIXED, FLIP_WARN_FACTOR, FLIP_WARN_FIXED, TISSUE_ORDER_FLOOR,
-                   TISSUE_ORDER_SLACK, Check, Verdict, check_input, flip_thresholds, input_reference,
-                   quartile_skewness, summarize)
+from ml.qc import (FLIP_FAIL_FACTOR, FLIP_FAIL_FIXED, FLIP_WARN_FACTOR, FLIP_WARN_FIXED, STRUCTURE_FAIL_FACTOR,
+                   STRUCTURE_WARN_FACTOR, TISSUE_ORDER_FLOOR, TISSUE_ORDER_SLACK, Check, Verdict, check_input,
+                   flip_thresholds, input_reference, quartile_skewness, spatial_correlation, summarize)
 from test_ml_units import _head, _tiny_checkpoint
 
 AXIAL = np.diag([-1.0, -1.0, 3.0, 1.0])
@@ -58,8 +59,9 @@ def _verdicts(checks: list[Check]) -> dict[str, Verdict]:
 def test_an_input_like_the_training_data_passes() -> None:
     result = summarize(check_input(_input(_head((16, 48, 40), seed=7)), _reference()))
     assert result.verdict is Verdict.PASS and result.reasons == ()
-    assert set(result.to_dict()["checks"]) == {"intensity_histogram", "tissue_order", "head_fraction",
-                                               "in_plane_voxel", "slice_thickness", "in_plane_size", "orientation"}
+    assert set(result.to_dict()["checks"]) == {"intensity_histogram", "tissue_order", "spatial_structure",
+                                               "head_fraction", "in_plane_voxel", "slice_thickness", "in_plane_size",
+                                               "orientation"}
 
 
 def test_inverted_intensities_fail_the_histogram_check() -> None:
@@ -119,6 +121,36 @@ def test_noise_inside_a_head_shaped_mask_is_flagged() -> None:
     result = summarize(check_input(_input(noise), _reference()))
     assert result.verdict is not Verdict.PASS and "intensity_histogram" in [c.name for c in result.checks
                                                                            if c.verdict is not Verdict.PASS]
+
+
+def test_spatial_correlation_is_high_for_a_smooth_image_and_about_zero_for_noise() -> None:
+    rng = np.random.default_rng(1)
+    x, y, _ = np.meshgrid(*(np.arange(n) for n in (40, 48, 6)), indexing="ij")
+    smooth = np.sin(x / 5.0) + np.cos(y / 7.0)
+    mask = np.ones(smooth.shape, dtype=bool)
+    assert spatial_correlation(smooth, mask) > 0.95
+    assert abs(spatial_correlation(rng.normal(size=smooth.shape), mask)) < 0.05
+    stripes = np.where(x % 2 == 0, 1.0, -1.0)  # neighbours: opposite along axis 0 (r = -1), equal along axis 1 (+1)
+    assert spatial_correlation(stripes, mask) == pytest.approx(0.0, abs=1e-9)  # the mean of the two in-plane axes
+    assert spatial_correlation(np.full(smooth.shape, 3.0), mask) == 0.0  # no variation
+    assert spatial_correlation(smooth, np.zeros_like(mask)) == 0.0  # empty mask
+
+
+def test_noise_is_named_by_the_spatial_structure_check_with_the_training_bounds() -> None:
+    ref = _reference()
+    low = ref["spatial_correlation"][0]
+    assert low == pytest.approx(min(spatial_correlation(*_input(_head((16, 48, 40), seed=s))[:2]) for s in range(3)),
+                                abs=1e-6)
+    vol = _head((16, 48, 40), seed=7)
+    image = {c.name: c for c in check_input(_input(vol), ref)}["spatial_structure"]
+    assert image.verdict is Verdict.PASS
+    assert image.threshold == f"warn < {STRUCTURE_WARN_FACTOR * low:.3g}, fail < {STRUCTURE_FAIL_FACTOR * low:.3g}"
+    noise = np.where(vol > 0, np.random.default_rng(0).uniform(1, 1500, vol.shape), 0)
+    check = {c.name: c for c in check_input(_input(noise), ref)}["spatial_structure"]
+    assert check.verdict is Verdict.FAIL and check.value < 0.1
+    assert check.reason.startswith("no image structure: neighbouring voxels correlate at r = ")
+    del ref["spatial_correlation"]  # a reference from before the check: skipped
+    assert "spatial_structure" not in [c.name for c in check_input(_input(noise), ref)]
 
 
 def test_a_sagittal_thick_slice_acquisition_is_named() -> None:

@@ -8,7 +8,8 @@ thresholds), except three clinical T2s in T2->T1 cross-validation that the input
 (``HISTOGRAM_WARNS_IN_CV``: issue 12's in-distribution criterion is not met there); each out-of-distribution input
 is at least ``warn`` with a reason naming its cause: a post-contrast T1 sent as T1 with its contrast tags (header)
 and without them (image), a FLAIR sent as T2 with its inversion tags, a T1 resliced to sagittal 5 mm slices, a T1
-with inverted intensities (named by the tissue-order check, clear of its bound), noise inside a head-shaped mask.
+with inverted intensities (named by the tissue-order check, clear of its bound), noise inside a head-shaped mask
+(named by the spatial-structure check: it has none).
 
 Data: open_ms_data (Lesjak et al. 2018, CC-BY), BraTS test data (BrainLesion/BraTS, Apache-2.0; BraTS data terms);
 see ../shared/data/README.md.  ``python tests/test_qc_acceptance.py`` prints every case's check values.
@@ -149,7 +150,7 @@ CAUSES = {
     "FLAIR sent as T2 with inversion tags": ("inversion_recovery", "FLAIR-like"),
     "T1 resliced to sagittal 5 mm": ("slice_geometry", "sagittal-like slices"),
     "T1 with inverted intensities": ("tissue_order", "tissue contrast order unlike any training T1"),
-    "noise inside a head-shaped mask": ("intensity_histogram", "intensities unlike the training data"),
+    "noise inside a head-shaped mask": ("spatial_structure", "no image structure"),
 }
 
 
