@@ -106,13 +106,11 @@ def spatial_correlation(normed: np.ndarray, mask: np.ndarray) -> float:
     scale of a voxel (anatomy, the point-spread function), so its neighbours correlate strongly; independent noise
     gives about 0.  0 when the mask has no pair of neighbours or no variation."""
     values = []
-    for axis in (0, 1):
-        n = normed.shape[axis] - 1
-        a, b = np.take(normed, range(n), axis=axis), np.take(normed, range(1, n + 1), axis=axis)
-        both = np.take(mask, range(n), axis=axis) & np.take(mask, range(1, n + 1), axis=axis)
+    for first, second in ((np.s_[:-1], np.s_[1:]), (np.s_[:, :-1], np.s_[:, 1:])):  # neighbours along axis 0, 1
+        both = mask[first] & mask[second]
         if both.sum() < 2:
             continue
-        x, y = a[both].astype(np.float64), b[both].astype(np.float64)
+        x, y = normed[first][both].astype(np.float64), normed[second][both].astype(np.float64)
         if x.std() > 0 and y.std() > 0:
             values.append(float(np.corrcoef(x, y)[0, 1]))
     return float(np.mean(values)) if values else 0.0

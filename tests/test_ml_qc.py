@@ -4,8 +4,8 @@ Specification: every check has a name, a value, a threshold and a verdict; the s
 the worst verdict with the reasons of the checks that did not pass.  An input like the
 training data passes; inverted intensities, a sagittal thick-slice acquisition and noise
 inside a head-shaped mask are named as such (noise by the spatial-structure check: neighbouring voxels of an image
-correlate, those of noise do not; it fails below a quarter of the least structured training volume); a T1 whose tissue contrast order is reversed (the bulk of the head
-dark, a minority bright) is named by the tissue-order check, whose bounds come from the training volumes only, and
+correlate, those of noise do not; it fails below a quarter of the least structured training volume); a T1 whose
+tissue contrast order is reversed (the bulk of the head dark, a minority bright) is named by the tissue-order check, whose bounds come from the training volumes only, and
 a reference from before that check skips it.  The flip check's thresholds belong to the model: multiples of the
 flip disagreement it shows on its own training scans (stored by training, measured exactly as the node measures a
 scan), fixed thresholds for a checkpoint without that figure, and ``[qc]`` values replace them when set.
