@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import re
@@ -72,17 +73,14 @@ def bench_inference(device: str, sizes: list[tuple[int, int, int]], repeats: int
     return rows
 
 
-def bench_training(device: str, precisions: tuple[str, ...] = ("fp32", "auto"), batch: int = 16, crop: int = 128,
-                   steps: int = 3, rounds: int = 3) -> list[dict[str, Any]]:
-    """Training steps of the shipped T1->T2 network in each precision (``ml.precision``), interleaved round by round
-    so that every precision sees the same machine load; best round of each."""
-    import json
-
+def bench_training(device: str, network: dict[str, Any], precisions: tuple[str, ...] = ("fp32", "auto"),
+                   batch: int = 16, crop: int = 128, steps: int = 3, rounds: int = 3) -> list[dict[str, Any]]:
+    """Training steps of a U-Net with options *network* in each precision (``ml.precision``), interleaved round by
+    round so that every precision sees the same machine load; best round of each."""
     from ml.losses import Loss, training_loss
     from ml.precision import Precision, autocast, resolve_precision
 
-    meta = json.loads((Path(__file__).resolve().parents[1] / "ml" / "weights" / "unet-t1-to-t2.json").read_text())
-    opts = parse_options(meta["network"])
+    opts = parse_options(network)
     dev = torch.device(device)
     x = torch.rand(batch, opts.in_slices, crop, crop, device=dev)
     y = torch.rand(batch, 1, crop, crop, device=dev)
@@ -149,6 +147,9 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="default", help="checkpoint (default: the shipped one)")
     ap.add_argument("--direction", default="t1-to-t2", choices=("t1-to-t2", "t2-to-t1"))
     ap.add_argument("--training-only", action="store_true", help="only the training throughput section")
+    ap.add_argument("--network", default=None,
+                    help="training section: U-Net options as JSON (default: the shipped model's network)")
+    ap.add_argument("--crop", type=int, default=128, help="training section: crop size")
     args = ap.parse_args()
     dev = args.device
     threads = torch.get_num_threads()
@@ -157,12 +158,14 @@ def main() -> None:
     if dev.startswith("cuda"):
         sizes.append((256, 256, 176))
     engines = ENGINES if dev == "cpu" else ("torch",)
-    inf = [] if args.training_only else [row for e in engines for row in bench_inference(dev, sizes, checkpoint=args.checkpoint, engine=e,
-                                                            direction=args.direction)]
-    tr = bench_training(dev)
+    inf = [] if args.training_only else [
+        row for e in engines
+        for row in bench_inference(dev, sizes, checkpoint=args.checkpoint, engine=e, direction=args.direction)]
+    meta = load_model(args.checkpoint, args.direction, device="cpu").metadata
+    network = json.loads(args.network) if args.network else meta["network"]
+    tr = bench_training(dev, network, crop=args.crop)
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     hw = machine() if dev == "cpu" else torch.cuda.get_device_name(0)
-    meta = load_model(args.checkpoint, args.direction, device="cpu").metadata
     lines = [f"Model `{meta.get('name')}` {meta.get('version')} (U-Net, {meta['network']}),",
              f"full `ml.inference.synthesize` path (reorientation, mask, normalization, network, uint16 output), best of 3.",
              "", f"Machine: {hw}; device {dev}; torch {torch.__version__}, {threads} threads; {when}; "
@@ -174,7 +177,7 @@ def main() -> None:
     lines.append("")
     lines.append("Target: a 48-slice 320x320 series in <= 10 s on 2 CPU cores.")
     tlines = [f"Machine: {hw}; device {dev}; {threads} thread(s); {when}; load average {load:.1f} at start.", "",
-              f"U-Net ({meta['network']}) forward + backward + Adam step, L1 + SSIM loss, batch {tr[0]['batch']}, "
+              f"U-Net ({network}) forward + backward + Adam step, L1 + SSIM loss, batch {tr[0]['batch']}, "
               f"{tr[0]['crop']}x{tr[0]['crop']} crops, best of 3 interleaved rounds (`dicomnode train --precision`):", "",
               "| precision | slices/s | against fp32 |", "|---|---|---|"]
     base = next((r["slices_per_s"] for r in tr if r["precision"] == "fp32"), tr[0]["slices_per_s"])
