@@ -7,7 +7,7 @@ summary verdict is the worst of them, with the reasons of every check that did n
 * **Input against the training distribution** (:func:`input_reference` at training time, stored
   in the checkpoint metadata as ``qc_reference``; ``python -m ml.reference`` recomputes it for a
   checkpoint from its training subjects; :func:`check_input` at inference): the histogram of the
-  network input inside the head mask (the harmonised intensities the network sees) against the
+  network input inside the head mask, in percentile units (:func:`percentile_units`), against the
   nearest training volume's, the tissue contrast order (:func:`quartile_skewness`: on a T1 the bulk of the head,
   brain tissue, is bright and a minority, fluid and bone, dark; inverted intensities reverse that), the spatial
   structure (:func:`spatial_correlation`: neighbouring voxels of an image correlate, those of noise do not), the
@@ -33,10 +33,10 @@ import numpy as np
 from .data import INPUT_CLIP
 
 __all__ = ["Check", "QCResult", "Verdict", "check_input", "flip_disagreement", "flip_thresholds", "input_reference",
-           "quartile_skewness", "spatial_correlation", "summarize"]
+           "percentile_units", "quartile_skewness", "spatial_correlation", "summarize"]
 
 BINS = 64
-HIST_RANGE = (0.0, INPUT_CLIP)  # the harmonised input range
+HIST_RANGE = (0.0, INPUT_CLIP)  # in percentile units (1 = the 99.5th percentile inside the head mask)
 
 
 class Verdict(str, enum.Enum):
@@ -77,14 +77,39 @@ def summarize(checks: Sequence[Check]) -> QCResult:
     return QCResult(worst, tuple(c.reason for c in checks if c.verdict is not Verdict.PASS), tuple(checks))
 
 
-def _histogram(normed: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    h, _ = np.histogram(np.clip(normed[mask], *HIST_RANGE), bins=BINS, range=HIST_RANGE)
+HIST_PERCENTILE = 99.5
+
+
+def percentile_units(values: np.ndarray) -> np.ndarray:
+    """*values* (the network input inside the head mask) divided by their own HIST_PERCENTILE-th percentile.
+
+    The histogram check compares inputs in these units whatever the network's own input scaling.  Tissue-peak
+    scaling (``ml.data.InputNorm.TISSUE_PEAK``) puts the main tissue peak at 1 on purpose, and so maps a
+    post-contrast T1, whose enhancing vessels and tissue fill the bright tail, onto a native T1; divided by a high
+    percentile, that bright tail shifts the whole histogram.  For a percentile-scaled input (v1/v2 checkpoints)
+    this changes nothing: its 99.5th percentile inside the mask is already 1."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return values
+    high = float(np.percentile(values, HIST_PERCENTILE))
+    return values / high if np.isfinite(high) and high > 0 else values
+
+
+HISTOGRAM_UNITS = "percentile-99.5"
+"""``histogram_units`` of a reference made by :func:`input_reference`.  A reference without it (made before the
+histogram was taken in percentile units) holds histograms of the network input as scaled, and the check compares
+the input in those units."""
+
+
+def _histogram(normed: np.ndarray, mask: np.ndarray, percentile: bool = True) -> np.ndarray:
+    values = percentile_units(normed[mask]) if percentile else normed[mask]
+    h, _ = np.histogram(np.clip(values, *HIST_RANGE), bins=BINS, range=HIST_RANGE)
     total = h.sum()
     return h / total if total else h.astype(np.float64)
 
 
 def _w1(p: np.ndarray, q: np.ndarray) -> float:
-    """Wasserstein-1 distance of two histograms on the same bins, in input units."""
+    """Wasserstein-1 distance of two histograms on the same bins, in percentile units."""
     width = (HIST_RANGE[1] - HIST_RANGE[0]) / BINS
     return float(np.abs(np.cumsum(p) - np.cumsum(q)).sum() * width)
 
@@ -160,6 +185,7 @@ def input_reference(volumes: Sequence[Volume], contrast: str | None = None) -> d
     def rng(key: str) -> list[float]:
         return [float(min(f[key] for f in facts)), float(max(f[key] for f in facts))]
     return {"histogram": [float(x) for x in mean], "histogram_range": list(HIST_RANGE),
+            "histogram_units": HISTOGRAM_UNITS,
             "histogram_w1_max": float(spread), "histograms": [[round(float(x), 6) for x in h] for h in hists],
             "histogram_nn_max": float(nn_max), "quartile_skewness": rng("quartile_skewness"),
             "spatial_correlation": [round(x, 6) for x in rng("spatial_correlation")], "mask_fraction": rng("mask_fraction"),
@@ -177,7 +203,7 @@ def _range_check(name: str, value: float, bounds: Sequence[float], slack: float,
 
 
 HISTOGRAM_FLOOR = 0.03
-"""Smallest histogram distance ever judged unusual (input units): a reference of near-identical training volumes
+"""Smallest histogram distance ever judged unusual (percentile units): a reference of near-identical training volumes
 would otherwise flag every scan."""
 HISTOGRAM_FAIL_FACTOR = 3.0
 
@@ -248,9 +274,11 @@ def _structure_check(value: float, reference: Mapping[str, Any]) -> Check:
 
 def check_input(volume: Volume, reference: Mapping[str, Any]) -> list[Check]:
     """Compare one input with the training reference (a reference from before a check existed, without
-    ``quartile_skewness`` or ``spatial_correlation``, skips that check)."""
+    ``quartile_skewness`` or ``spatial_correlation``, skips that check; one without ``histogram_units`` is compared
+    by histograms of the input as the network sees it, the units it was made in)."""
     f = _facts(*volume)
-    checks = [_histogram_check(f["histogram"], reference)]
+    hist = f["histogram"] if reference.get("histogram_units") == HISTOGRAM_UNITS else _histogram(*volume[:2], False)
+    checks = [_histogram_check(hist, reference)]
     if "quartile_skewness" in reference:
         checks.append(_tissue_order_check(f["quartile_skewness"], reference))
     if "spatial_correlation" in reference:

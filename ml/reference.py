@@ -3,11 +3,13 @@ trained on, exactly as training computes it (the input figures, and the model's 
 inputs), and store it in the checkpoint's JSON; the weights are not touched, so their digest (``weights_sha256``,
 and the one the ONNX file records) stays valid.
 
-Usage: ``python -m ml.reference [CHECKPOINT ...] [--data DIR] [--check]``
+Usage: ``python -m ml.reference [CHECKPOINT ...] [--data DIR] [--check | --inputs-only]``
 
 Without a checkpoint, the shipped U-Nets (``ml/weights/unet-*.json``).  ``--data`` defaults to the training data
 folder recorded in the metadata (``training.data``, relative to the repository root).  ``--check`` only reports
-whether the stored reference equals the recomputed one (exit code 1 when not).
+whether the stored reference equals the recomputed one (exit code 1 when not).  ``--inputs-only`` recomputes the
+input figures and keeps the stored flip-disagreement figures (they depend on the weights and the training inputs
+only, not on how the QC summarises those inputs; recomputing them runs the model over every training volume).
 
 Checkpoints trained before the reference existed (the shipped v2.0 U-Nets) get one this way, so the node's input
 check is not skipped for them.
@@ -70,7 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ml.reference", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoints", nargs="*", type=Path)
     ap.add_argument("--data", type=Path, default=None, help="training data folder (default: the metadata's)")
-    ap.add_argument("--check", action="store_true", help="only compare the stored reference with a recomputed one")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="only compare the stored reference with a recomputed one")
+    mode.add_argument("--inputs-only", action="store_true",
+                      help="recompute the input figures, keep the stored flip-disagreement figures")
     args = ap.parse_args(argv)
     targets = args.checkpoints or sorted(WEIGHTS_DIR.glob("unet-*.json"))
     stale = 0
@@ -78,8 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _, mpath = checkpoint_paths(target)
         meta = json.loads(mpath.read_text())
         data = args.data or (REPO_ROOT / str((meta.get("training") or {}).get("data", "")))
+        stored = dict(meta.get("qc_reference") or {})
+        kept = {k: v for k, v in stored.items() if k.startswith("flip_")}
+        if args.inputs_only and not kept:
+            print(f"{mpath}: --inputs-only: the stored qc_reference has no flip-disagreement figures to keep",
+                  file=sys.stderr)
+            return 2
         try:
-            reference = training_reference(meta, data, target)
+            reference = training_reference(meta, data, None if args.inputs_only else target)
         except (CheckpointError, DataError, ValueError) as exc:
             print(f"{mpath}: {exc}", file=sys.stderr)
             return 2
@@ -88,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             stale += not ok
             print(f"{mpath}: qc_reference {'up to date' if ok else 'differs from the recomputed one'}")
             continue
-        meta["qc_reference"] = reference
+        meta["qc_reference"] = {**reference, **kept} if args.inputs_only else reference
+        reference = meta["qc_reference"]
         write_metadata(mpath, meta)
         print(f"{mpath}: qc_reference from {reference['n_volumes']} training volumes "
               f"(histogram nearest-neighbour distance at most {reference['histogram_nn_max']:.3g}, "

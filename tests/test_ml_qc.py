@@ -6,7 +6,10 @@ training data passes; inverted intensities, a sagittal thick-slice acquisition a
 inside a head-shaped mask are named as such (noise by the spatial-structure check: neighbouring voxels of an image
 correlate, those of noise do not; it fails below a quarter of the least structured training volume); a T1 whose
 tissue contrast order is reversed (the bulk of the head dark, a minority bright) is named by the tissue-order check, whose bounds come from the training volumes only, and
-a reference from before that check skips it.  The flip check's thresholds belong to the model: multiples of the
+a reference from before that check skips it.  The histogram is compared in percentile units (each input divided by
+its own 99.5th percentile inside the head mask), whatever the network's input scaling: a bright tail that
+tissue-peak scaling hides (a post-contrast T1 without its tags) moves the whole histogram there; a reference from
+before, without ``histogram_units``, is compared in the units it was made in.  The flip check's thresholds belong to the model: multiples of the
 flip disagreement it shows on its own training scans (stored by training, measured exactly as the node measures a
 scan), fixed thresholds for a checkpoint without that figure, and ``[qc]`` values replace them when set.
 """
@@ -20,9 +23,10 @@ import pytest
 
 from ml.data import InputNorm, head_mask, input_volume, to_canonical
 from ml.inference import assess, flip_reference, load_model
-from ml.qc import (FLIP_FAIL_FACTOR, FLIP_FAIL_FIXED, FLIP_WARN_FACTOR, FLIP_WARN_FIXED, STRUCTURE_FAIL_FACTOR,
-                   STRUCTURE_WARN_FACTOR, TISSUE_ORDER_FLOOR, TISSUE_ORDER_SLACK, Check, Verdict, check_input,
-                   flip_thresholds, input_reference, quartile_skewness, spatial_correlation, summarize)
+from ml.qc import (FLIP_FAIL_FACTOR, FLIP_FAIL_FIXED, FLIP_WARN_FACTOR, FLIP_WARN_FIXED, HISTOGRAM_UNITS,
+                   STRUCTURE_FAIL_FACTOR, STRUCTURE_WARN_FACTOR, TISSUE_ORDER_FLOOR, TISSUE_ORDER_SLACK, Check, Verdict,
+                   check_input, flip_thresholds, input_reference, percentile_units, quartile_skewness,
+                   spatial_correlation, summarize)
 from test_ml_units import _head, _tiny_checkpoint
 
 AXIAL = np.diag([-1.0, -1.0, 3.0, 1.0])
@@ -220,3 +224,52 @@ def test_assess_judges_the_flip_disagreement_against_the_checkpoints_training_fi
         assert "unstable prediction" in check["reason"] and "largest on its training scans" in check["reason"]
     configured = assess(model, scan, AXIAL, flip_warn=10 * value, flip_fail=20 * value)  # [qc] replaces the model's
     assert configured.to_dict()["checks"]["flip_disagreement"]["verdict"] == "pass"
+
+
+def _enhanced(vol: np.ndarray, fraction: float = 0.01, factor: float = 2.5) -> np.ndarray:
+    """*vol* with smooth blobs (*fraction* of the head) *factor* times brighter: enhancing tissue and vessels."""
+    from scipy import ndimage
+
+    inside = vol > 0
+    blobs = ndimage.gaussian_filter(np.random.default_rng(1).normal(size=vol.shape), 1.5)
+    return np.where(inside & (blobs > np.percentile(blobs[inside], 100 * (1 - fraction))), vol * factor, vol)
+
+
+def _old_units(reference: dict, volumes: list[np.ndarray]) -> dict:
+    """*reference* as made before the histogram was taken in percentile units: histograms of the network input."""
+    from ml.qc import _histogram
+
+    old = {k: v for k, v in reference.items() if k != "histogram_units"}
+    old["histograms"] = [_histogram(*_input(v)[:2], False).tolist() for v in volumes]
+    return old
+
+
+def test_percentile_units_leave_a_percentile_scaled_input_as_it_is() -> None:
+    canon, _ = to_canonical(_t1_like(seed=3), AXIAL)
+    mask = head_mask(canon)
+    normed = input_volume(canon, mask, InputNorm.PERCENTILE)
+    np.testing.assert_allclose(percentile_units(normed[mask]), normed[mask], rtol=1e-5)
+    scaled = input_volume(canon, mask, InputNorm.TISSUE_PEAK)
+    np.testing.assert_allclose(percentile_units(scaled[mask]), normed[mask], rtol=1e-4)
+
+
+def test_a_bright_tail_that_tissue_peak_scaling_hides_fails_the_histogram_in_percentile_units() -> None:
+    """A post-contrast T1 without its tags: tissue-peak scaling keeps the tissue where a native T1's is and moves
+    only 1 % of the voxels; in percentile units the whole histogram moves."""
+    trained = [_t1_like(seed=s) for s in range(3)]
+    t1c = _enhanced(_t1_like(seed=7))
+    result = summarize(check_input(_input(t1c), _t1_reference()))
+    assert _verdicts(list(result.checks))["intensity_histogram"] is Verdict.FAIL
+    assert any("intensities unlike the training data" in r for r in result.reasons)
+    in_input_units = {c.name: c for c in check_input(_input(t1c), _old_units(_t1_reference(), trained))}
+    assert in_input_units["intensity_histogram"].verdict is Verdict.PASS  # what the tissue-peak units missed
+    native = {c.name: c for c in check_input(_input(_t1_like(seed=7)), _t1_reference())}
+    assert native["intensity_histogram"].verdict is Verdict.PASS
+
+
+def test_a_reference_without_histogram_units_is_compared_in_the_networks_input_units() -> None:
+    trained = [_t1_like(seed=s) for s in range(3)]
+    old = _old_units(_t1_reference(), trained)
+    same = {c.name: c for c in check_input(_input(trained[0]), old)}["intensity_histogram"]
+    assert same.value == pytest.approx(0.0, abs=1e-9)  # its own histogram, in its own units
+    assert "histogram_units" not in old and _t1_reference()["histogram_units"] == HISTOGRAM_UNITS
