@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from dicomgen import SeriesSpec, make_series, write_series  # noqa: E402
 from ingest import machine  # noqa: E402
-from netutil import DcmtkStoreSCP, dcmtk_env  # noqa: E402
+from netutil import DcmtkStoreSCP, dcmtk, dcmtk_env  # noqa: E402
 from nodeproc import NodeProcess  # noqa: E402
 
 CASES = {"48x320x320": (48, 320, 3.0), "176x256x256": (176, 256, 1.0)}
@@ -41,7 +41,7 @@ def run_case(node: NodeProcess, scp_dir: Path, work: Path, name: str, seed: int)
     src = make_series(SeriesSpec(weighting="T1", slices=slices, rows=size, cols=size, slice_spacing=spacing, seed=seed))
     files = write_series(src, work / f"{name}-{seed}")
     before = len(list(scp_dir.iterdir()))
-    res = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1", str(node.port),
+    res = subprocess.run([dcmtk("storescu"), "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1", str(node.port),
                           *map(str, files)], env=dcmtk_env(), capture_output=True, text=True)
     t_sent = time.perf_counter()
     if res.returncode != 0:

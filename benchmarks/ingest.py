@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from dicomgen import SeriesSpec, make_series, write_series  # noqa: E402
-from netutil import dcmtk_env, free_port, wait_for_port  # noqa: E402
+from netutil import dcmtk, dcmtk_env, free_port, wait_for_port  # noqa: E402
 from nodeproc import toml_value  # noqa: E402
 
 
@@ -96,7 +96,7 @@ class Peer:
             cmd = [sys.executable, str(REPO / "benchmarks" / "stage_timer.py"), str(self.work / "stages.json"), "--",
                    "--log-level", "WARNING", "serve", "--config", str(node_config(self.work, self.port))]
         elif self.name == "dcmtk storescp":
-            cmd = ["storescp", "--aetitle", "DICOMNODE", "--output-directory", str(out), str(self.port)]
+            cmd = [dcmtk("storescp"), "--aetitle", "DICOMNODE", "--output-directory", str(out), str(self.port)]
         else:
             cmd = [sys.executable, "-m", "pynetdicom", "storescp", str(self.port), "--ae-title", "DICOMNODE",
                    "--output-directory", str(out)]
@@ -116,7 +116,7 @@ class Peer:
 
 def send(port: int, folder: Path) -> float:
     t0 = time.perf_counter()
-    res = subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "DICOMNODE", "--scan-directories",
+    res = subprocess.run([dcmtk("storescu"), "-aet", "STORESCU", "-aec", "DICOMNODE", "--scan-directories",
                           "127.0.0.1", str(port), str(folder)], env=dcmtk_env(), capture_output=True, text=True)
     dt = time.perf_counter() - t0
     if res.returncode != 0:
@@ -185,7 +185,7 @@ def main() -> int:
                     help="parallel mode: dicomnode's [node] receivers values, e.g. 1,2 (default 1)")
     ap.add_argument("--instances-per-sender", type=int, default=200, help="parallel mode: each sender's series")
     args = ap.parse_args()
-    if shutil.which("storescu") is None:
+    if shutil.which(dcmtk("storescu")) is None:
         print("dcmtk is not installed (apt-get install dcmtk)", file=sys.stderr)
         return 2
     work = args.work

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Protocol
 
 from dicomgen import SeriesSpec, make_series, write_series
-from netutil import dcmtk_env, free_port, wait_for_port
+from netutil import dcmtk, dcmtk_env, free_port, wait_for_port
 from nodeproc import NodeProcess
 from orthanc import ORTHANC_BIN, OrthancServer
 
@@ -142,7 +142,7 @@ class StorescpReceiver:
         self.out = folder / "out"
         self.out.mkdir(parents=True)
         self.port = free_port()
-        self.proc = subprocess.Popen(["storescp", "--fork", "--aetitle", self.called_aet, "--output-directory",
+        self.proc = subprocess.Popen([dcmtk("storescp"), "--fork", "--aetitle", self.called_aet, "--output-directory",
                                       str(self.out), str(self.port)], env=dcmtk_env(), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         wait_for_port(self.port, proc=self.proc, timeout=30)
@@ -203,7 +203,7 @@ def send_all(running: Running, folders: list[Path], logs: Path) -> float:
     for i, folder in enumerate(folders):
         log = logs / f"storescu{i + 1}.log"
         with open(log, "wb") as out:
-            procs.append((subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", running.called_aet,
+            procs.append((subprocess.Popen([dcmtk("storescu"), "-aet", "STORESCU", "-aec", running.called_aet,
                                             "--scan-directories", "127.0.0.1", str(running.port), str(folder)],
                                            env=dcmtk_env(), stdout=out, stderr=subprocess.STDOUT), log))
     codes = [p.wait(600) for p, _ in procs]

@@ -39,7 +39,7 @@ from sqlalchemy import select  # noqa: E402
 
 from dicomgen import SeriesSpec, make_series, write_series  # noqa: E402
 from ingest import machine  # noqa: E402
-from netutil import DcmtkStoreSCP, storescu  # noqa: E402
+from netutil import DcmtkStoreSCP, dcmtk, storescu  # noqa: E402
 from nodeproc import NodeProcess  # noqa: E402
 from pgserver import PostgresServer  # noqa: E402
 from storage.ledger import Ledger  # noqa: E402
@@ -140,7 +140,7 @@ def main() -> int:
     ap.add_argument("--poll", type=float, default=0.5, help="worker.poll_seconds (the default is 0.5)")
     ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args()
-    if shutil.which("storescu") is None:
+    if shutil.which(dcmtk("storescu")) is None:
         print("dcmtk is not installed (apt-get install dcmtk)", file=sys.stderr)
         return 2
     work = args.work or Path(tempfile.mkdtemp(prefix="dicomnode-bench-workers-"))

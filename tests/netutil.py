@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -15,7 +16,6 @@ import pytest
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is absent")
-needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk is not installed")
 needs_orthanc = pytest.mark.skipif(shutil.which("Orthanc") is None, reason="orthanc is not installed")
 
 
@@ -36,6 +36,22 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0, pro
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def _without_own_scripts() -> str:
+    """PATH without this interpreter's own scripts folder, where pynetdicom 3 installs ``storescu``, ``storescp``,
+    ``echoscu`` and others of its own, with other options and messages than dcmtk's."""
+    own = Path(sys.executable).parent.resolve()
+    return os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != own)
+
+
+def dcmtk(tool: str) -> str:
+    """The path of dcmtk's *tool* (the bare name when it is not installed)."""
+    return shutil.which(tool, path=_without_own_scripts()) or tool
+
+
+needs_dcmtk = pytest.mark.skipif(shutil.which("storescu", path=_without_own_scripts()) is None,
+                                 reason="dcmtk is not installed")
 
 
 def dcmtk_env() -> dict[str, str]:
@@ -62,7 +78,7 @@ class DcmtkStoreSCP:
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            ["storescp", "--aetitle", self.ae_title, "--output-directory", str(self.folder), *self.extra, str(self.port)],
+            [dcmtk("storescp"), "--aetitle", self.ae_title, "--output-directory", str(self.folder), *self.extra, str(self.port)],
             env=dcmtk_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -85,7 +101,7 @@ class DcmtkStoreSCP:
 def storescu(port: int, files: list[Path] | Path, called: str = "DICOMNODE", calling: str = "STORESCU",
              extra: list[str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Send with dcmtk storescu over one association; returns the finished process."""
-    args = ["storescu", "-aet", calling, "-aec", called, *(extra or [])]
+    args = [dcmtk("storescu"), "-aet", calling, "-aec", called, *(extra or [])]
     if isinstance(files, Path) and files.is_dir():
         args += ["--scan-directories", "127.0.0.1", str(port), str(files)]
     else:

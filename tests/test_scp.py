@@ -16,7 +16,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from dicomgen import SeriesSpec, make_secondary_capture, make_series, write_series
-from netutil import SHARED_DATA, dcmtk_env, needs_dcmtk, needs_shared, storescu
+from netutil import SHARED_DATA, dcmtk, dcmtk_env, needs_dcmtk, needs_shared, storescu
 from nodeproc import NodeProcess, ledger_rows, pynetdicom_send, spooled
 
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
@@ -30,7 +30,7 @@ def node(tmp_path: Path):
 
 @needs_dcmtk
 def test_echo_and_store_with_dcmtk(node: NodeProcess, tmp_path: Path) -> None:
-    echo = subprocess.run(["echoscu", "-aet", "ECHOSCU", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)],
+    echo = subprocess.run([dcmtk("echoscu"), "-aet", "ECHOSCU", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)],
                           env=dcmtk_env(), capture_output=True, text=True)
     assert echo.returncode == 0, echo.stderr
     series = make_series(SeriesSpec(weighting="T1", slices=10))
