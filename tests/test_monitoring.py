@@ -103,7 +103,7 @@ def test_healthz_is_200_with_every_check_named_once_the_models_are_loaded(node: 
     assert list(body["checks"]) == ["process", "receivers", "ledger", "spool", "disk", "workers", "model"]
     assert all(c["ok"] for c in body["checks"].values())
     assert "1/1 running and ready" in body["checks"]["workers"]["detail"]
-    assert "t1-to-t2: dicomnode-unet-t1-to-t2-2.0-" in body["checks"]["model"]["detail"]
+    assert "t1-to-t2: dicomnode-unet-t1-to-t2-3.0-" in body["checks"]["model"]["detail"]  # the shipped v3.0
 
 
 def test_metrics_follow_a_stored_series_through_its_job(node: NodeProcess, pacs: PynetdicomStoreSCP) -> None:
