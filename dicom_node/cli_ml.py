@@ -137,6 +137,10 @@ _ENGINE_HELP = "auto (ONNX Runtime on CPU, torch on CUDA), torch, onnxruntime (d
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="U-Net arithmetic: auto = fp16 mixed precision on CUDA, bf16 on a CPU that computes it natively "
                    "(AMX / AVX512-BF16), else fp32. A resumed run may change it.")
+@click.option("--init-from", type=click.Path(path_type=Path), default=None,
+              help="U-Net: start from this checkpoint's weights (a new optimizer and schedule): fine-tuning, or "
+                   "continuing a model whose resume state is gone. With --folds: a folder of fold-<i>/ checkpoints, "
+                   "each trained without its fold's held-out subjects.")
 @click.option("--force", is_flag=True, help="Start afresh even if --out already holds a training.")
 @click.option("--name", default=None, help="Model name stored in the checkpoint (default dicomnode-<model>-<direction>).")
 @click.option("--version", "model_version", default="1", show_default=True, help="Model version stored in the checkpoint.")
@@ -147,7 +151,8 @@ def train_command(model: str, direction: str, data: Path, val_subjects: tuple[st
                   epochs: int, batch_size: int, lr: float | None, device: str | None, out: Path, resume: bool, crop: int,
                   steps_per_epoch: int | None, network_json: str | None, seed: int, no_augment: bool, mri_augment: bool,
                   loss: str, ssim_weight: float, input_norm: str, target_norm: str, folds: int | None, only_folds: tuple[int, ...],
-                  time_budget: float | None, precision: str, force: bool, name: str | None, model_version: str,
+                  time_budget: float | None, precision: str, init_from: Path | None, force: bool, name: str | None,
+                  model_version: str,
                   val_every: int, config: Path | None) -> None:
     """Train a U-Net (paired) or a CycleGAN (unpaired) T1<->T2 model; works under torchrun."""
     _setup_logging()
@@ -181,7 +186,7 @@ def train_command(model: str, direction: str, data: Path, val_subjects: tuple[st
                       resume=resume, crop=crop, steps_per_epoch=steps_per_epoch, seed=seed, network=network,
                       augment=not no_augment, mri_augment=mri_augment, loss=loss, ssim_weight=ssim_weight,
                       input_norm=input_norm, target_norm=target_norm, time_budget=time_budget, val_every=val_every,
-                      name=name, version=model_version, precision=precision)
+                      name=name, version=model_version, precision=precision, init_from=init_from)
     from ml.train import train_folds
 
     try:

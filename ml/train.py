@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from vocab import Direction
 
-from .checkpoint import CheckpointError, checkpoint_paths, package_version, save_checkpoint
+from .checkpoint import CheckpointError, checkpoint_paths, load_into, package_version, save_checkpoint
 from .data import (TARGET_SPAN, DataError, InputNorm, Subject, discover_paired, head_mask, load_subjects, parse_input_norm, slice_stack,
                    split_names, thick_stack, useful_slices)
 from .losses import Loss, parse_loss, training_loss
@@ -38,6 +38,7 @@ from .evaluate import evaluation_mask
 from .metrics import NORMALIZATION_TEXT, QUALITY_TEXT, compare, quality
 from .networks import Architecture, NetworkOptions, build_discriminator, build_network, init_weights, parse_options
 from .precision import Precision, autocast, parse_precision, resolve_precision
+from .warmstart import WarmStartError, fold_start, load_start
 
 __all__ = ["TrainConfig", "TrainError", "TrainResult", "train"]
 
@@ -79,6 +80,7 @@ class TrainConfig:
     time_budget: float | None = None  # minutes; stop cleanly with a resumable state after this long
     log_every: float = 60.0  # seconds between plain progress lines (slices/s, ETA)
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16" (ml.precision); a resumed run may change it
+    init_from: Path | None = None  # U-Net: start from this checkpoint's weights (ml.warmstart); with folds a folder
 
 
 # --------------------------------------------------------------------- utilities
@@ -228,6 +230,8 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[int, dict[str, Any]], None] |
         if parse_precision(cfg.precision) not in (Precision.AUTO, Precision.FP32):
             raise TrainError(f"--precision: the CycleGAN trains in fp32 only, not {cfg.precision}")
         precision = Precision.FP32
+        if cfg.init_from is not None:
+            raise TrainError("--init-from: only a U-Net training can start from a checkpoint's weights")
     net_raw = dict(cfg.network)
     net_raw["architecture"] = cfg.model
     if cfg.model == "cyclegan":
@@ -396,8 +400,20 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, pr
     scaler = torch.amp.GradScaler(device.type, enabled=precision is Precision.FP16)
     history: list[dict[str, Any]] = []
     start_epoch, start_step = 0, 0
+    init_from: dict[str, Any] | None = None
     state = _resume_state(cfg)
+    if state is None and cfg.init_from is not None:
+        try:
+            weights, init_from = load_start(cfg.init_from, direction=cfg.direction, network=opts.to_dict(),
+                                            input_norm=input_norm.value, val_subjects=[s.name for s in val_s])
+            load_into(net, weights, str(cfg.init_from))
+        except (WarmStartError, CheckpointError) as exc:
+            raise TrainError(str(exc)) from None
+        if rank == 0:
+            log.info("starting from the weights of %s (%s, %s steps); optimizer and schedule start afresh",
+                     cfg.init_from, init_from["name"], init_from.get("steps", "?"))
     if state is not None:
+        init_from = state.get("init_from")
         if state.get("model") != "unet" or state.get("direction") != cfg.direction or state.get("network") != opts.to_dict():
             raise TrainError(f"--resume: {cfg.out} was trained with other settings (model/direction/network differ)")
         saved = dict(state.get("recipe", _recipe(cfg)))
@@ -434,13 +450,16 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, pr
 
     meta["qc_reference"] = input_reference([(x, head_mask(s.image(src)), s.affine, s.affine)  # training data: axial
                                             for x, s in zip(inputs, train_s)], contrast=src)
-    meta["training"]["compute_seconds"] = float((state or {}).get("compute_seconds", 0.0))
+    meta["training"]["compute_seconds"] = float((state or {}).get("compute_seconds", 0.0))  # this training's own
+    if init_from is not None:
+        meta["training"]["init_from"] = init_from
 
     def snapshot(epoch: int, step: int) -> dict[str, Any]:
         return {"model": "unet", "direction": cfg.direction, "network": opts.to_dict(), "recipe": _recipe(cfg),
                 "net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "history": history,
                 "epoch": epoch, "step": step, "torch_rng": torch.get_rng_state(),
-                "compute_seconds": meta["training"]["compute_seconds"]}
+                "compute_seconds": meta["training"]["compute_seconds"],
+                **({"init_from": init_from} if init_from is not None else {})}
 
     pacer = _Pacer(cfg.epochs * steps, start_epoch * steps + start_step, cfg.batch_size, world, cfg.log_every,
                    cfg.time_budget)
@@ -849,6 +868,11 @@ def train_folds(cfg: TrainConfig, folds: int | None, *, only: Sequence[int] = ()
     unknown = sorted(set(only) - {f.index for f in split})
     if unknown:
         raise TrainError(f"--fold: {unknown[0]} is not one of 1..{len(split)}")
+    try:  # every fold's start is checked before anything is written
+        starts = {f.name: fold_start(cfg.init_from, f.name) for f in split
+                  if cfg.init_from is not None and (not only or f.index in only)}
+    except WarmStartError as exc:
+        raise TrainError(str(exc)) from None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {"folds": [{"fold": f.index, "train": list(f.train), "val": list(f.val)} for f in split],
@@ -871,6 +895,7 @@ def train_folds(cfg: TrainConfig, folds: int | None, *, only: Sequence[int] = ()
         log.info("%s: held out %s", fold.name, ", ".join(fold.val))
         sub = replace(cfg, out=folder, val_subjects=fold.val, exclude_subjects=tuple(cfg.exclude_subjects) + templates,
                       resume=cfg.resume and (folder / RESUME_FILE).is_file(), time_budget=budget,
+                      init_from=starts.get(fold.name),
                       name=(cfg.name or f"dicomnode-{cfg.model}-{cfg.direction}") + f"-{fold.name}")
         result = train(sub)
         results.append(result)
