@@ -129,10 +129,11 @@ def machine() -> str:
 
 
 def replace_sections(path: Path, new: dict[str, str]) -> None:
+    """Replace the text of each ``## heading`` up to its next heading; its ``###`` subsections (the history) stay."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     for heading, body in new.items():
         block = f"{heading}\n\n{body.strip()}\n"
-        pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+        pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^##+ |\Z)", re.S | re.M)
         if pattern.search(text):
             text = pattern.sub(lambda _: block + "\n", text)
         else:
