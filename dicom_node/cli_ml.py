@@ -178,7 +178,7 @@ def train_command(model: str, direction: str, data: Path, val_subjects: tuple[st
     if out.exists() and any(out.iterdir()) and not (resume or force):
         _fail(f"--out: {out} already holds a training; add --resume to continue it or --force to start afresh")
     if force and not resume and out.is_dir():
-        from ml.train import remove_training
+        from ml.train_folds import remove_training
 
         remove_training(out)  # only what a training writes there; anything else in the folder stays
     cfg = TrainConfig(model=model, direction=direction, data=data, out=out, val_subjects=split(val_subjects),
@@ -187,7 +187,7 @@ def train_command(model: str, direction: str, data: Path, val_subjects: tuple[st
                       augment=not no_augment, mri_augment=mri_augment, loss=loss, ssim_weight=ssim_weight,
                       input_norm=input_norm, target_norm=target_norm, time_budget=time_budget, val_every=val_every,
                       name=name, version=model_version, precision=precision, init_from=init_from)
-    from ml.train import train_folds
+    from ml.train_folds import train_folds
 
     try:
         results = [train(cfg)] if folds is None else train_folds(cfg, folds or None, only=only_folds)
