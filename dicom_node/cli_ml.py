@@ -139,8 +139,9 @@ _ENGINE_HELP = "auto (ONNX Runtime on CPU, torch on CUDA), torch, onnxruntime (d
                    "(AMX / AVX512-BF16), else fp32. A resumed run may change it.")
 @click.option("--init-from", type=click.Path(path_type=Path), default=None,
               help="U-Net: start from this checkpoint's weights (a new optimizer and schedule): fine-tuning, or "
-                   "continuing a model whose resume state is gone. With --folds: a folder of fold-<i>/ checkpoints, "
-                   "each trained without its fold's held-out subjects.")
+                   "continuing a model whose resume state is gone. With --folds: a folder of fold-<i>/ checkpoints "
+                   "(or PATH-fold-<i>.safetensors, as in ml/weights/cv), each trained without its fold's held-out "
+                   "subjects.")
 @click.option("--force", is_flag=True, help="Start afresh even if --out already holds a training.")
 @click.option("--name", default=None, help="Model name stored in the checkpoint (default dicomnode-<model>-<direction>).")
 @click.option("--version", "model_version", default="1", show_default=True, help="Model version stored in the checkpoint.")
@@ -175,12 +176,17 @@ def train_command(model: str, direction: str, data: Path, val_subjects: tuple[st
 
     if only_folds and folds is None:
         raise click.BadParameter("needs --folds", param_hint="--fold")
-    if out.exists() and any(out.iterdir()) and not (resume or force):
-        _fail(f"--out: {out} already holds a training; add --resume to continue it or --force to start afresh")
-    if force and not resume and out.is_dir():
+    # with --fold, only those folds' folders count: another process may be training the other folds in OUT
+    targets = [out / f"fold-{k}" for k in only_folds] if only_folds else [out]
+    held = next((t for t in targets if t.is_dir() and any(t.iterdir())), None)
+    if held is not None and not (resume or force):
+        _fail(f"--out: {held} already holds a training; add --resume to continue it or --force to start afresh")
+    if force and not resume:
         from ml.train_folds import remove_training
 
-        remove_training(out)  # only what a training writes there; anything else in the folder stays
+        for t in targets:  # only what a training writes there; anything else in the folder stays
+            if t.is_dir():
+                remove_training(t)
     cfg = TrainConfig(model=model, direction=direction, data=data, out=out, val_subjects=split(val_subjects),
                       exclude_subjects=split(exclude_subjects), epochs=epochs, batch_size=batch_size, lr=lr, device=dev,
                       resume=resume, crop=crop, steps_per_epoch=steps_per_epoch, seed=seed, network=network,

@@ -72,5 +72,6 @@ def load_start(path: Path, *, direction: str, network: dict[str, Any], input_nor
         **({"steps": int(steps) * int(meta.get("epochs_completed", len(history)))} if steps else {}),
         "compute_seconds": float(training.get("compute_seconds", 0.0)),
         "train_subjects": list(training.get("train_subjects") or ()),
+        **({"init_from": training["init_from"]} if training.get("init_from") else {}),  # the start's own start
     }
     return state, provenance

@@ -57,6 +57,10 @@ def test_a_warm_start_begins_at_the_checkpoints_weights(started: tuple[Path, Pat
     assert origin["weights_sha256"] == sha256_file(start / "model.safetensors")
     assert origin["name"] == "dicomnode-unet-t1-to-t2" and origin["epochs"] == 1 and origin["steps"] == 3
     assert origin["train_subjects"] == ["sub0", "sub1"] and origin["compute_seconds"] > 0
+    again = train(_cfg(data, tmp_path / "again", epochs=1, steps_per_epoch=1, init_from=warm.out, val_every=1))
+    chain = json.loads((again.out / "model.json").read_text())["training"]["init_from"]
+    assert chain["weights_sha256"] == sha256_file(warm.out / "model.safetensors")
+    assert chain["init_from"]["weights_sha256"] == origin["weights_sha256"]  # the whole lineage is kept
 
 
 def test_the_start_is_kept_through_a_time_budget_stop_and_resume(started: tuple[Path, Path], tmp_path: Path) -> None:
@@ -120,3 +124,18 @@ def test_each_fold_starts_from_its_own_fold_checkpoint(tmp_path: Path) -> None:
                    catch_exceptions=False)
     assert r.exit_code == 2 and "must hold fold-1/model.json" in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "one" / "fold-1").exists()  # refused before any fold trained
+
+
+def test_a_second_fold_starts_beside_a_running_one_and_force_removes_only_its_own(tmp_path: Path) -> None:
+    data = _make_paired(tmp_path / "mri")
+    run = CliRunner()
+    args = ["train", "--data", str(data), "--folds", "3", "--batch-size", "2", "--crop", "32", "--steps-per-epoch", "1",
+            "--epochs", "1", "--network", TINY_NET, "--device", "cpu", "--out", str(tmp_path / "cv")]
+    assert run.invoke(cli, [*args, "--fold", "1"], catch_exceptions=False).exit_code == 0
+    r = run.invoke(cli, [*args, "--fold", "2"], catch_exceptions=False)  # another machine's fold: no --resume needed
+    assert r.exit_code == 0, r.output
+    first = (tmp_path / "cv" / "fold-1" / "model.json").read_text()
+    r = run.invoke(cli, [*args, "--fold", "2"], catch_exceptions=False)  # its own folder is never overwritten silently
+    assert r.exit_code == 2 and "fold-2 already holds a training" in r.output
+    assert run.invoke(cli, [*args, "--fold", "2", "--force", "--seed", "0"], catch_exceptions=False).exit_code == 0
+    assert (tmp_path / "cv" / "fold-1" / "model.json").read_text() == first  # --force on fold 2 left fold 1 alone
