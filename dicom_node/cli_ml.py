@@ -127,6 +127,9 @@ _ENGINE_HELP = "auto (ONNX Runtime on CPU, torch on CUDA), torch, onnxruntime (d
 @click.option("--target-norm", type=click.Choice(["percentile", "tissue-peak"]), default="percentile",
               show_default=True, help="Target scaling: 99.5th percentile in the head mask, or the main tissue peak "
                                       "(the same tissue scale whether the scan is skull-stripped or whole-head).")
+@click.option("--sampling", type=click.Choice(["slices", "subjects"]), default="slices", show_default=True,
+              help="U-Net: what each epoch draws equally often: every training slice (a 1 mm subject weighs 3-4 "
+                   "clinical thick-slice scans), or every training subject.")
 @click.option("--folds", type=click.IntRange(min=0), default=None, is_flag=False, flag_value=0,
               help="Subject-wise K-fold cross-validation: one model per fold in OUT/fold-<i>/ "
                    "(--folds alone or 0: leave one patient out).")
@@ -151,7 +154,7 @@ _ENGINE_HELP = "auto (ONNX Runtime on CPU, torch on CUDA), torch, onnxruntime (d
 def train_command(model: str, direction: str, data: Path, val_subjects: tuple[str, ...], exclude_subjects: tuple[str, ...],
                   epochs: int, batch_size: int, lr: float | None, device: str | None, out: Path, resume: bool, crop: int,
                   steps_per_epoch: int | None, network_json: str | None, seed: int, no_augment: bool, mri_augment: bool,
-                  loss: str, ssim_weight: float, input_norm: str, target_norm: str, folds: int | None, only_folds: tuple[int, ...],
+                  loss: str, ssim_weight: float, input_norm: str, target_norm: str, sampling: str, folds: int | None, only_folds: tuple[int, ...],
                   time_budget: float | None, precision: str, init_from: Path | None, force: bool, name: str | None,
                   model_version: str,
                   val_every: int, config: Path | None) -> None:
@@ -191,7 +194,7 @@ def train_command(model: str, direction: str, data: Path, val_subjects: tuple[st
                       exclude_subjects=split(exclude_subjects), epochs=epochs, batch_size=batch_size, lr=lr, device=dev,
                       resume=resume, crop=crop, steps_per_epoch=steps_per_epoch, seed=seed, network=network,
                       augment=not no_augment, mri_augment=mri_augment, loss=loss, ssim_weight=ssim_weight,
-                      input_norm=input_norm, target_norm=target_norm, time_budget=time_budget, val_every=val_every,
+                      input_norm=input_norm, target_norm=target_norm, sampling=sampling, time_budget=time_budget, val_every=val_every,
                       name=name, version=model_version, precision=precision, init_from=init_from)
     from ml.train_folds import train_folds
 

@@ -38,6 +38,7 @@ from .evaluate import evaluation_mask
 from .metrics import NORMALIZATION_TEXT, QUALITY_TEXT, compare, quality
 from .networks import NetworkOptions, build_network, parse_options
 from .precision import Precision, autocast, parse_precision, resolve_precision
+from .sampling import Sampling, epoch_order, parse_sampling
 from .warmstart import WarmStartError, load_start
 
 __all__ = ["TrainConfig", "TrainError", "TrainResult", "train"]
@@ -81,6 +82,7 @@ class TrainConfig:
     log_every: float = 60.0  # seconds between plain progress lines (slices/s, ETA)
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16" (ml.precision); a resumed run may change it
     init_from: Path | None = None  # U-Net: start from this checkpoint's weights (ml.warmstart); with folds a folder
+    sampling: str = "slices"  # "slices" | "subjects" (ml.sampling): what each epoch draws equally often
 
 
 # --------------------------------------------------------------------- utilities
@@ -232,6 +234,9 @@ def train(cfg: TrainConfig, *, on_epoch: Callable[[int, dict[str, Any]], None] |
         precision = Precision.FP32
         if cfg.init_from is not None:
             raise TrainError("--init-from: only a U-Net training can start from a checkpoint's weights")
+        if cfg.sampling != Sampling.SLICES.value:
+            raise TrainError("--sampling: the CycleGAN draws every slice equally often (unpaired); only a U-Net "
+                             "training can draw by subject")
     net_raw = dict(cfg.network)
     net_raw["architecture"] = cfg.model
     if cfg.model == "cyclegan":
@@ -273,14 +278,6 @@ def _write_resume(cfg: TrainConfig, state: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
-
-
-def _epoch_order(n: int, epoch: int, seed: int, rank: int, world: int, steps: int, batch: int) -> list[int]:
-    """Sample indices for this rank and epoch: a seeded shuffle, sharded by rank."""
-    rng = np.random.default_rng([seed, epoch])
-    need = steps * batch * world
-    idx = np.concatenate([rng.permutation(n) for _ in range(max(1, math.ceil(need / n)))])[:need]
-    return idx[rank::world].tolist()
 
 
 def _output_scale(train: Sequence[Subject], contrast: str) -> float:
@@ -378,6 +375,7 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, pr
         loss_kind = parse_loss(cfg.loss)
         input_norm = parse_input_norm(cfg.input_norm)
         target_norm = parse_input_norm(cfg.target_norm)
+        sampling = parse_sampling(cfg.sampling)
     except (ValueError, DataError) as exc:
         raise TrainError(str(exc)) from None
     train_s, val_s = _load_data(cfg)
@@ -394,7 +392,8 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, pr
                      "x".join(f"{v:.2g}" for v in s.spacing))
         for s in val_s:
             log.info("validation subject %s", s.name)
-        log.info("precision %s on %s", precision.value, device)
+        log.info("precision %s on %s; each epoch draws every %s equally often", precision.value, device,
+                 sampling.value[:-1])
     inputs = [s.input_image(src, input_norm) for s in train_s]
     targets = [s.target_image(tgt, target_norm) for s in train_s]
     steps = cfg.steps_per_epoch or max(1, len(samples) // (cfg.batch_size * world))
@@ -474,7 +473,8 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, pr
         try:
             for epoch in range(start_epoch, cfg.epochs):
                 ddp_net.train()
-                order = _epoch_order(len(samples), epoch, cfg.seed, rank, world, steps, cfg.batch_size)
+                order = epoch_order([i for i, _ in samples], epoch, cfg.seed, rank, world, steps, cfg.batch_size,
+                                    sampling)
                 t0, seen, loss_sum = time.perf_counter(), 0, 0.0
                 first = start_step if epoch == start_epoch else 0
                 for step in range(first, steps):
@@ -607,6 +607,7 @@ def _recipe(cfg: TrainConfig) -> dict[str, Any]:
     """The training choices a resumed run must share with the run it continues (``--epochs`` may grow)."""
     return {"loss": cfg.loss, "ssim_weight": cfg.ssim_weight, "input_norm": cfg.input_norm,
             **({"target_norm": cfg.target_norm} if cfg.target_norm != "percentile" else {}),
+            **({"sampling": cfg.sampling} if cfg.sampling != Sampling.SLICES.value else {}),
             "mri_augment": cfg.mri_augment, "augment": cfg.augment, "crop": cfg.crop, "batch_size": cfg.batch_size,
             "steps_per_epoch": cfg.steps_per_epoch, "seed": cfg.seed}
 

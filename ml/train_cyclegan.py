@@ -22,7 +22,8 @@ from .checkpoint import save_checkpoint
 from .data import Subject, slice_stack, useful_slices
 from .inference import DIRECTIONS
 from .networks import NetworkOptions, build_discriminator, build_network, init_weights
-from .train import (TrainConfig, TrainError, TrainResult, _base_meta, _crop_batch, _epoch_order, _load_data, _log_epoch,
+from .sampling import epoch_order
+from .train import (TrainConfig, TrainError, TrainResult, _base_meta, _crop_batch, _load_data, _log_epoch,
                     _output_scale, _progress, _resume_state, _validate, _write_resume, augment)
 
 __all__ = ["ImagePool", "train_cyclegan"]
@@ -157,8 +158,8 @@ def train_cyclegan(cfg: TrainConfig, opts: NetworkOptions, device: torch.device,
                 for m in [*g.values(), *d.values()]:
                     m.train()
                 rng = np.random.default_rng([cfg.seed, epoch])
-                order_a = _epoch_order(len(samples["T1"]), epoch, cfg.seed, 0, 1, steps, cfg.batch_size)
-                order_b = _epoch_order(len(samples["T2"]), epoch, cfg.seed + 7, 0, 1, steps, cfg.batch_size)
+                order_a = epoch_order([i for i, _ in samples["T1"]], epoch, cfg.seed, 0, 1, steps, cfg.batch_size)
+                order_b = epoch_order([i for i, _ in samples["T2"]], epoch, cfg.seed + 7, 0, 1, steps, cfg.batch_size)
                 t0, seen, sums = time.perf_counter(), 0, {"g": 0.0, "d": 0.0}
                 for step in range(steps):
                     batch = {}
