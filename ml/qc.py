@@ -32,8 +32,8 @@ import numpy as np
 
 from .data import INPUT_CLIP
 
-__all__ = ["Check", "QCResult", "Verdict", "check_input", "flip_disagreement", "flip_thresholds", "input_reference",
-           "percentile_units", "quartile_skewness", "spatial_correlation", "summarize"]
+__all__ = ["Check", "QCResult", "Verdict", "check_input", "flip_disagreement", "flip_thresholds", "histogram_thresholds",
+           "input_reference", "percentile_units", "quartile_skewness", "spatial_correlation", "summarize"]
 
 BINS = 64
 HIST_RANGE = (0.0, INPUT_CLIP)  # in percentile units (1 = the 99.5th percentile inside the head mask)
@@ -205,19 +205,35 @@ def _range_check(name: str, value: float, bounds: Sequence[float], slack: float,
 HISTOGRAM_FLOOR = 0.03
 """Smallest histogram distance ever judged unusual (percentile units): a reference of near-identical training volumes
 would otherwise flag every scan."""
+HISTOGRAM_SLACK = 0.5
+"""The histogram check warns beyond the largest nearest-neighbour distance among the training volumes widened by this
+fraction of the spread of those distances (largest minus smallest), the rule of the tissue-order check
+(``TISSUE_ORDER_SLACK``): the largest of six such distances is a poor estimate of how far a new scan of the same kind
+may lie (a new one exceeds it with probability about 1/7)."""
 HISTOGRAM_FAIL_FACTOR = 3.0
+"""The histogram check fails beyond this many times the largest nearest-neighbour distance among the training volumes."""
+
+
+def histogram_thresholds(reference: Mapping[str, Any]) -> tuple[float, float]:
+    """(warn, fail) of the input-histogram check for a reference with per-volume ``histograms``: each training
+    volume's distance to its nearest other training volume (leave one out) spans [low, high]; warn above
+    ``high + HISTOGRAM_SLACK * (high - low)``, fail above ``HISTOGRAM_FAIL_FACTOR * high`` (neither below
+    HISTOGRAM_FLOOR or its multiple)."""
+    hists = [np.asarray(h, dtype=np.float64) for h in reference["histograms"]]
+    nn = [_nearest(h, hists[:i] + hists[i + 1:]) for i, h in enumerate(hists)] if len(hists) > 1 else [0.0]
+    high, low = max(nn), min(nn)
+    return (max(high + HISTOGRAM_SLACK * (high - low), HISTOGRAM_FLOOR),
+            HISTOGRAM_FAIL_FACTOR * max(high, HISTOGRAM_FLOOR))
 
 
 def _histogram_check(hist: np.ndarray, reference: Mapping[str, Any]) -> Check:
-    """Distance of the input's histogram to the nearest training volume's (``histograms`` in the reference), warned
-    beyond the largest such distance among the training volumes themselves (leave one out), failed beyond
-    HISTOGRAM_FAIL_FACTOR times that.  An older reference without per-volume histograms is compared by its mean
+    """Distance of the input's histogram to the nearest training volume's (``histograms`` in the reference), judged
+    by :func:`histogram_thresholds`.  An older reference without per-volume histograms is compared by its mean
     histogram and mean-distance spread."""
     if reference.get("histograms"):
         others = [np.asarray(h, dtype=np.float64) for h in reference["histograms"]]
         value, what = _nearest(hist, others), "nearest training scan"
-        warn = max(float(reference.get("histogram_nn_max", 0.0)), HISTOGRAM_FLOOR)
-        fail = HISTOGRAM_FAIL_FACTOR * warn
+        warn, fail = histogram_thresholds(reference)
     else:
         value, what = _w1(hist, np.asarray(reference["histogram"], dtype=np.float64)), "training mean"
         base = max(float(reference["histogram_w1_max"]), 0.05)
@@ -226,7 +242,7 @@ def _histogram_check(hist: np.ndarray, reference: Mapping[str, Any]) -> Check:
     return Check("intensity_histogram", value, f"warn > {warn:.3g}, fail > {fail:.3g}", verdict,
                  "" if verdict is Verdict.PASS else
                  f"input intensities unlike the training data (histogram distance {value:.3g} to the {what}, "
-                 f"training at most {warn:.3g})")
+                 f"warn above {warn:.3g})")
 
 
 TISSUE_ORDER_SLACK = 0.5

@@ -29,7 +29,7 @@ from vocab import Direction
 from .checkpoint import CheckpointError, checkpoint_paths, write_metadata
 from .data import DataError, head_mask, load_subject, parse_input_norm
 from .inference import WEIGHTS_DIR, flip_reference, load_model
-from .qc import input_reference
+from .qc import histogram_thresholds, input_reference
 
 __all__ = ["training_reference", "main"]
 
@@ -104,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_metadata(mpath, meta)
         print(f"{mpath}: qc_reference from {reference['n_volumes']} training volumes "
               f"(histogram nearest-neighbour distance at most {reference['histogram_nn_max']:.3g}, "
+              f"warn above {histogram_thresholds(reference)[0]:.3g}, "
               f"flip disagreement at most {reference.get('flip_disagreement_max', float('nan')):.3g})")
     return 1 if stale else 0
 

@@ -9,7 +9,9 @@ tissue contrast order is reversed (the bulk of the head dark, a minority bright)
 a reference from before that check skips it.  The histogram is compared in percentile units (each input divided by
 its own 99.5th percentile inside the head mask), whatever the network's input scaling: a bright tail that
 tissue-peak scaling hides (a post-contrast T1 without its tags) moves the whole histogram there; a reference from
-before, without ``histogram_units``, is compared in the units it was made in.  The flip check's thresholds belong to the model: multiples of the
+before, without ``histogram_units``, is compared in the units it was made in.  It warns beyond the training scans'
+largest distance to their nearest other training scan, widened by half the spread of those distances (the
+tissue-order rule), and fails beyond three times that largest distance.  The flip check's thresholds belong to the model: multiples of the
 flip disagreement it shows on its own training scans (stored by training, measured exactly as the node measures a
 scan), fixed thresholds for a checkpoint without that figure, and ``[qc]`` values replace them when set.
 """
@@ -23,9 +25,10 @@ import pytest
 
 from ml.data import InputNorm, head_mask, input_volume, to_canonical
 from ml.inference import assess, flip_reference, load_model
-from ml.qc import (FLIP_FAIL_FACTOR, FLIP_FAIL_FIXED, FLIP_WARN_FACTOR, FLIP_WARN_FIXED, HISTOGRAM_UNITS,
+from ml.qc import (BINS, FLIP_FAIL_FACTOR, FLIP_FAIL_FIXED, FLIP_WARN_FACTOR, FLIP_WARN_FIXED, HIST_RANGE,
+                   HISTOGRAM_FLOOR, HISTOGRAM_UNITS,
                    STRUCTURE_FAIL_FACTOR, STRUCTURE_WARN_FACTOR, TISSUE_ORDER_FLOOR, TISSUE_ORDER_SLACK, Check, Verdict,
-                   check_input, flip_thresholds, input_reference, percentile_units, quartile_skewness,
+                   check_input, flip_thresholds, histogram_thresholds, input_reference, percentile_units, quartile_skewness,
                    spatial_correlation, summarize)
 from test_ml_units import _head, _tiny_checkpoint
 
@@ -273,3 +276,29 @@ def test_a_reference_without_histogram_units_is_compared_in_the_networks_input_u
     same = {c.name: c for c in check_input(_input(trained[0]), old)}["intensity_histogram"]
     assert same.value == pytest.approx(0.0, abs=1e-9)  # its own histogram, in its own units
     assert "histogram_units" not in old and _t1_reference()["histogram_units"] == HISTOGRAM_UNITS
+
+
+def _spike(bin_index: int) -> list[float]:
+    h = [0.0] * BINS
+    h[bin_index] = 1.0
+    return h
+
+
+def test_the_histogram_thresholds_by_hand() -> None:
+    width = (HIST_RANGE[1] - HIST_RANGE[0]) / BINS  # the distance of two one-bin histograms one bin apart
+    # training histograms at bins 0, 10 and 30: nearest-neighbour distances 10, 10 and 20 bins
+    reference = {"histograms": [_spike(0), _spike(10), _spike(30)]}
+    warn, fail = histogram_thresholds(reference)
+    assert warn == pytest.approx((20 + 0.5 * (20 - 10)) * width) and fail == pytest.approx(3 * 20 * width)
+    # near-identical training scans: the floor
+    assert histogram_thresholds({"histograms": [_spike(0), _spike(0)]}) == (HISTOGRAM_FLOOR, 3 * HISTOGRAM_FLOOR)
+
+
+def test_the_histogram_check_warns_only_beyond_the_widened_training_spread() -> None:
+    from ml.qc import _histogram_check
+
+    width = (HIST_RANGE[1] - HIST_RANGE[0]) / BINS
+    reference = {"histograms": [_spike(0), _spike(4), _spike(12)]}  # nn 4, 4, 8 bins: warn above 10, fail above 24
+    assert 10 * width > HISTOGRAM_FLOOR
+    verdicts = {k: _histogram_check(np.asarray(_spike(12 + k)), reference).verdict for k in (9, 11, 23, 25)}
+    assert verdicts == {9: Verdict.PASS, 11: Verdict.WARN, 23: Verdict.WARN, 25: Verdict.FAIL}
