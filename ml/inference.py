@@ -6,8 +6,11 @@ Output range: the network predicts the target contrast normalized to [0, 1]
 percentile of the target contrast over the training subjects, stored in the
 checkpoint metadata - and rounds to ``np.uint16``; values therefore lie in
 ``[0, output_max]`` with ``output_max = round(output_scale)``.  The suggested
-display window is ``(output_max / 2, output_max)``.  Voxels more than two voxels
-outside the input's head mask (Otsu foreground, holes filled) are set to 0.
+display window is ``(output_max / 2, output_max)``.  A model trained on tissue-peak
+targets (``target_normalization`` ``tissue-peak``: the target divided by 5 times its main
+tissue peak) suggests none: most anatomy then lies in the lowest fifth of the range, and
+the series' own intensities set the window (``dicom_node.build``).  Voxels more than two
+voxels outside the input's head mask (Otsu foreground, holes filled) are set to 0.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class LoadedModel:
     version: str
     identity: str
     output_max: int
-    window: tuple[float, float]
+    window: tuple[float, float] | None  # (center, width); None: set by the series' own intensities
     metadata: dict[str, Any]
     net: nn.Module = field(repr=False)
     options: NetworkOptions = field(repr=False)
@@ -167,7 +170,8 @@ def load_model(checkpoint: str | Path, direction: str | None = None, device: str
     h.update(Path(str(wpath)[: -len(".safetensors")] + ".json").read_bytes())
     h.update(chosen.encode())
     identity = f"{name}-{version}-{h.hexdigest()[:16]}"
-    window = (output_max / 2.0, float(output_max))
+    target_norm = str((meta.get("target_normalization") or {}).get("method", "percentile"))
+    window = None if target_norm == InputNorm.TISSUE_PEAK.value else (output_max / 2.0, float(output_max))
     return LoadedModel(chosen, name, version, identity, output_max, window, meta, net, opts, dev, output_scale, input_norm,
                        chosen_engine)
 

@@ -19,7 +19,8 @@ def test_default_weights_load_and_synthesize(direction: str) -> None:
     assert path.parent == WEIGHTS_DIR and path.stat().st_size <= 10 * 1024 * 1024
     model = load_model("default", direction=direction, device="cpu")
     assert model.direction == direction and model.name.endswith(direction)
-    assert model.output_max > 0 and model.window[1] > 0 and model.identity.startswith(model.name)
+    assert model.output_max > 0 and (model.window is None or model.window[1] > 0)
+    assert model.identity.startswith(model.name)
     meta = json.loads(path.with_suffix(".json").read_text())
     assert not set(meta["training"]["val_subjects"]) & set(meta["training"]["train_subjects"])
     if not meta["training"]["val_subjects"]:  # trained on every subject: its recipe's fold models stand for it
@@ -29,6 +30,25 @@ def test_default_weights_load_and_synthesize(direction: str) -> None:
     data = (rng.random((37, 29, 3)) * 700).astype(np.float32)
     out = synthesize(model, data, np.diag([0.9, 0.9, 4.0, 1.0]))
     assert out.shape == data.shape and out.dtype == np.uint16 and int(out.max()) <= model.output_max
+
+
+@needs_shared
+@pytest.mark.shared
+@pytest.mark.parametrize("direction,subject", [("t1-to-t2", "brats_gli_00001"), ("t2-to-t1", "brats_gli_00001"),
+                                               ("t2-to-t1", "openms_long_patient01_study1")])
+def test_the_window_a_default_model_suggests_shows_its_synthesis(direction: str, subject: str) -> None:
+    """A radiologist opens the series in the window it carries: the synthesis's bright end (99.5th percentile) must
+    lie in the upper half of the model's suggested window; a model without one leaves the window to the series'
+    own intensities (``dicom_node.build``)."""
+    model = load_model("default", direction=direction, device="cpu")
+    if model.window is None:
+        return
+    source = "T1" if direction == "t1-to-t2" else "T2"
+    img = nib.load(SHARED_DATA / "mri" / subject / f"{source}.nii.gz")
+    out = synthesize(model, np.asarray(img.get_fdata(dtype=np.float32)), img.affine)
+    bright = float(np.percentile(out[out > 0], 99.5))
+    center, width = model.window
+    assert center <= bright <= center + width / 2, (bright, model.window)
 
 
 def test_default_is_t1_to_t2() -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from ml.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ml.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_metadata
 from ml.data import (CANONICAL, DataError, canonical_shape, from_canonical, head_mask, load_volume, normalize,
                      slice_stack, to_canonical)
 from ml.inference import load_model, predict_normalized, synthesize
@@ -191,6 +191,18 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert again.identity == model.identity
     _tiny_checkpoint(tmp_path / "ck2", base_width=5)
     assert load_model(tmp_path / "ck2", device="cpu").identity != model.identity
+
+
+def test_a_model_with_tissue_peak_targets_suggests_no_fixed_window(tmp_path: Path) -> None:
+    # its output scale is 5 x the tissue peak, so most anatomy lies in the lowest fifth of [0, output_max]: a window
+    # over [0, output_max] would show it nearly black; the series' own intensities set it (dicom_node.build)
+    ck = _tiny_checkpoint(tmp_path / "ck")
+    _, meta, _ = load_checkpoint(ck)
+    meta = {k: v for k, v in meta.items() if not k.startswith("_")}
+    write_metadata(ck, {**meta, "target_normalization": {"method": "tissue-peak", "span": 5.0}})
+    assert load_model(ck, device="cpu").window is None
+    write_metadata(ck, {**meta, "target_normalization": {"method": "percentile"}})
+    assert load_model(ck, device="cpu").window == (500.0, 1000.0)
 
 
 def test_checkpoint_fp16_storage(tmp_path: Path) -> None:
