@@ -71,8 +71,7 @@ def _held_out_model(direction: str):  # type: ignore[no-untyped-def]
 @needs_shared
 @pytest.mark.shared
 def test_default_model_on_a_held_out_subject_beats_both_naive_baselines() -> None:
-    """Masked PSNR and SSIM above both baselines; in the quality metric, SSIM above both, PSNR above histogram
-    matching (not above the inverted source on this subject: the documented shortfall)."""
+    """Masked PSNR and SSIM above both baselines, and in the quality metric too."""
     from skimage.exposure import match_histograms
 
     from ml.data import head_mask, to_canonical
@@ -100,8 +99,7 @@ def test_default_model_on_a_held_out_subject_beats_both_naive_baselines() -> Non
         assert ours["psnr_masked"] > baseline["psnr_masked"]
         assert ours["ssim_masked"] > baseline["ssim_masked"]
     q = quality(y, t, qm)
-    for vol in (inverted_vol, matched_vol):  # the quality metric says the same in SSIM ...
+    for vol in (inverted_vol, matched_vol):  # the quality metric says the same, in SSIM and in PSNR (since T1->T2
+        # v3.1: v3.0's fold 1 was 0.05 dB below the inverted source on this subject, MODEL_CARD "T1 -> T2: v3.1")
         assert q["ssim"] > quality(vol, t, qm)["ssim"]
-    # ... and in PSNR against histogram matching.  Against the inverted source it does not on this subject with the
-    # T1->T2 v3.0 recipe's fold 1 (MODEL_CARD, "Recipe B, all three folds at 10 400 steps": 15.43 against 15.48 dB).
-    assert q["psnr"] > quality(matched_vol, t, qm)["psnr"]
+        assert q["psnr"] > quality(vol, t, qm)["psnr"]

@@ -103,7 +103,8 @@ def test_healthz_is_200_with_every_check_named_once_the_models_are_loaded(node: 
     assert list(body["checks"]) == ["process", "receivers", "ledger", "spool", "disk", "workers", "model"]
     assert all(c["ok"] for c in body["checks"].values())
     assert "1/1 running and ready" in body["checks"]["workers"]["detail"]
-    assert "t1-to-t2: dicomnode-unet-t1-to-t2-3.0-" in body["checks"]["model"]["detail"]  # the shipped v3.0
+    shipped = json.loads((Path(__file__).parents[1] / "ml" / "weights" / "unet-t1-to-t2.json").read_text())
+    assert f"t1-to-t2: {shipped['name']}-{shipped['version']}-" in body["checks"]["model"]["detail"]  # the shipped one
 
 
 def test_metrics_follow_a_stored_series_through_its_job(node: NodeProcess, pacs: PynetdicomStoreSCP) -> None:
