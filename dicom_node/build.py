@@ -221,8 +221,11 @@ def _text_for(charset_present: bool, text: str) -> str:
     return text if charset_present else text.encode("ascii", "replace").decode("ascii")
 
 
-def _auto_window(pixels: np.ndarray) -> tuple[float, float]:
-    """A window over the whole volume (same for every slice): 0.5-99.5 percentile of the non-zero voxels."""
+def series_window(pixels: np.ndarray, suggested: tuple[float, float] | None = None) -> tuple[float, float]:
+    """(center, width) a synthetic series carries: the model's *suggested* window, else one over the whole volume
+    (same for every slice): 0.5-99.5 percentile of the non-zero voxels."""
+    if suggested is not None:
+        return suggested
     sample = pixels[pixels > 0]
     if sample.size == 0:
         return 0.5, 1.0
@@ -293,7 +296,7 @@ def build_synthetic_series(
         src_number = int(src.get("SeriesNumber", 0) or 0)
     except (TypeError, ValueError):
         src_number = 0
-    center, width = window if window is not None else _auto_window(pixels)
+    center, width = series_window(pixels, window)
     model_text = _text_for(has_charset, f"{model.name} {model.version}")
     src_w, tgt_w = direction.source.value, direction.target.value
     derivation = _text_for(has_charset, (

@@ -37,18 +37,18 @@ def test_default_weights_load_and_synthesize(direction: str) -> None:
 @pytest.mark.parametrize("direction,subject", [("t1-to-t2", "brats_gli_00001"), ("t2-to-t1", "brats_gli_00001"),
                                                ("t2-to-t1", "openms_long_patient01_study1")])
 def test_the_window_a_default_model_suggests_shows_its_synthesis(direction: str, subject: str) -> None:
-    """A radiologist opens the series in the window it carries: the synthesis's bright end (99.5th percentile) must
-    lie in the upper half of the model's suggested window; a model without one leaves the window to the series'
-    own intensities (``dicom_node.build``)."""
+    """A radiologist opens the series in the window it carries (the model's suggested one, or, for a model without,
+    one from the series' own intensities): the synthesis's bright end (99.5th percentile) lies in the upper half of
+    that window, not beyond it (5 % slack: the window is taken on a subsample of a large volume)."""
+    from dicom_node.build import series_window
+
     model = load_model("default", direction=direction, device="cpu")
-    if model.window is None:
-        return
     source = "T1" if direction == "t1-to-t2" else "T2"
     img = nib.load(SHARED_DATA / "mri" / subject / f"{source}.nii.gz")
     out = synthesize(model, np.asarray(img.get_fdata(dtype=np.float32)), img.affine)
     bright = float(np.percentile(out[out > 0], 99.5))
-    center, width = model.window
-    assert center <= bright <= center + width / 2, (bright, model.window)
+    center, width = series_window(out, model.window)
+    assert center <= bright <= center + 0.55 * width, (bright, center, width, model.window)
 
 
 def test_default_is_t1_to_t2() -> None:
