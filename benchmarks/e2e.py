@@ -33,6 +33,8 @@ from ingest import machine  # noqa: E402
 from netutil import DcmtkStoreSCP, dcmtk, dcmtk_env  # noqa: E402
 from nodeproc import NodeProcess  # noqa: E402
 
+from vocab.states import JobState  # noqa: E402
+
 CASES = {"48x320x320": (48, 320, 3.0), "176x256x256": (176, 256, 1.0)}
 
 
@@ -46,9 +48,16 @@ def run_case(node: NodeProcess, scp_dir: Path, work: Path, name: str, seed: int)
     t_sent = time.perf_counter()
     if res.returncode != 0:
         raise RuntimeError(res.stderr)
+    next_check = t_sent + 5.0
     while len(list(scp_dir.iterdir())) < before + slices:
         time.sleep(0.005)
-        if time.perf_counter() - t_sent > 600:
+        now = time.perf_counter()
+        if now > next_check:  # a held job never arrives: say so instead of waiting out the timeout
+            next_check = now + 5.0
+            job = next((j for j in node.status()["jobs"] if j["source_series_uid"] == src[0].SeriesInstanceUID), None)
+            if job is not None and job["state"] == JobState.HELD.value:
+                raise RuntimeError(f"job {job['id']} held by QC; log:\n{node.log()[-2000:]}")
+        if now - t_sent > 600:
             raise TimeoutError(f"synthetic series not delivered; log:\n{node.log()[-3000:]}")
     latency = time.perf_counter() - t_sent
     time.sleep(0.3)  # let the worker record its final timings
@@ -71,6 +80,8 @@ def main() -> int:
             series={"quiet_seconds": 30.0, "complete_on_release": True, "release_grace_seconds": 0.0},
             worker={"processes": 1},
             model={"device": args.device, "directions": ["t1-to-t2"]},
+            # the generated series is a phantom, not a brain: QC may fail it, and the latency still includes its QC
+            qc={"on_fail": "send"},
         ).start()
         try:
             print(f"# {machine()}; device {args.device}")
@@ -83,7 +94,7 @@ def main() -> int:
                     print(name, json.dumps({k: round(v, 3) for k, v in t.items()}), flush=True)
         finally:
             node.stop()
-    stages = ("latency", "waiting", "loading", "inference", "building", "sending")
+    stages = ("latency", "waiting", "loading", "inference", "qc", "building", "sending")
     print("\n| series | " + " | ".join(f"{s} (s)" for s in stages) + " |")
     print("|---|" + "---|" * len(stages))
     for name, rows in results.items():

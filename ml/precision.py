@@ -20,7 +20,7 @@ from typing import ContextManager
 
 import torch
 
-__all__ = ["Precision", "autocast", "cpu_has_native_bf16", "parse_precision", "resolve_precision"]
+__all__ = ["Precision", "autocast", "cpu_has_native_bf16", "emulation_warning", "parse_precision", "resolve_precision"]
 
 
 class Precision(str, enum.Enum):
@@ -58,6 +58,19 @@ def resolve_precision(value: str | Precision, device: torch.device) -> Precision
     if precision is Precision.BF16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"--precision: {device} has no bf16 support; use fp16 or fp32")
     return precision
+
+
+def emulation_warning(precision: Precision, device: torch.device, native_bf16: bool | None = None) -> str | None:
+    """The warning a run logs at start when it will compute in emulated bf16 (asked for on a CPU without native bf16
+    arithmetic; *native_bf16* defaults to :func:`cpu_has_native_bf16`), else None."""
+    if precision is not Precision.BF16 or device.type != "cpu":
+        return None
+    if native_bf16 is None:
+        native_bf16 = cpu_has_native_bf16()
+    if native_bf16:
+        return None
+    return ("--precision bf16: this CPU has no bf16 arithmetic (no AMX or AVX512-BF16), so bf16 is emulated and "
+            "many times slower than fp32 (BENCHMARKS.md, 'Training throughput'); --precision auto picks fp32 here")
 
 
 def autocast(device: torch.device, precision: Precision) -> ContextManager[object]:

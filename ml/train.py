@@ -37,7 +37,7 @@ from .inference import DIRECTIONS, predict_normalized, resolve_device
 from .evaluate import evaluation_mask
 from .metrics import NORMALIZATION_TEXT, QUALITY_TEXT, compare, quality
 from .networks import NetworkOptions, build_network, parse_options
-from .precision import Precision, autocast, parse_precision, resolve_precision
+from .precision import Precision, autocast, emulation_warning, parse_precision, resolve_precision
 from .sampling import Sampling, epoch_order, parse_sampling
 from .warmstart import WarmStartError, load_start
 
@@ -394,6 +394,9 @@ def _train_unet(cfg: TrainConfig, opts: NetworkOptions, device: torch.device, pr
             log.info("validation subject %s", s.name)
         log.info("precision %s on %s; each epoch draws every %s equally often", precision.value, device,
                  sampling.value[:-1])
+        warning = emulation_warning(precision, device)
+        if warning:
+            log.warning("%s", warning)
     inputs = [s.input_image(src, input_norm) for s in train_s]
     targets = [s.target_image(tgt, target_norm) for s in train_s]
     steps = cfg.steps_per_epoch or max(1, len(samples) // (cfg.batch_size * world))

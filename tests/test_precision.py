@@ -9,6 +9,7 @@ in another precision says so.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from dicom_node.cli import cli
-from ml.precision import Precision, cpu_has_native_bf16, parse_precision, resolve_precision
+from ml.precision import Precision, cpu_has_native_bf16, emulation_warning, parse_precision, resolve_precision
 from test_ml_cli import TINY_NET, _make_paired  # noqa: E402  (shared generated data)
 from test_ml_quality import _cfg  # noqa: E402
 
@@ -29,6 +30,14 @@ def test_auto_is_bf16_exactly_on_cpus_with_native_bf16() -> None:
     assert resolve_precision("auto", CPU) is expected
     assert resolve_precision("fp32", CPU) is Precision.FP32
     assert resolve_precision(Precision.BF16, CPU) is Precision.BF16  # asked for: runs, emulated if need be
+
+
+def test_bf16_asked_for_on_a_cpu_without_bf16_arithmetic_is_warned_about() -> None:
+    warning = emulation_warning(Precision.BF16, CPU, native_bf16=False)
+    assert warning is not None and "emulated" in warning and "--precision auto picks fp32" in warning
+    assert emulation_warning(Precision.BF16, CPU, native_bf16=True) is None
+    assert emulation_warning(Precision.FP32, CPU, native_bf16=False) is None
+    assert emulation_warning(Precision.FP16, torch.device("cuda"), native_bf16=False) is None
 
 
 def test_fp16_needs_cuda_and_unknown_names_are_refused() -> None:
@@ -51,6 +60,17 @@ def test_bf16_training_changes_the_arithmetic_not_the_weights_format(tmp_path: P
         meta = json.loads((r.out / "model.json").read_text())
         assert meta["training"]["precision"] == p
         assert [e["precision"] for e in meta["validation"]["history"]] == [p]
+
+
+def test_a_bf16_training_warns_exactly_when_this_cpu_would_emulate_it(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from ml.train import train
+
+    data = _make_paired(tmp_path / "mri")
+    with caplog.at_level(logging.WARNING, logger="ml.train"):
+        train(_cfg(data, tmp_path / "ck", epochs=1, val_every=1, precision="bf16"))
+    warned = any("bf16 is emulated" in r.getMessage() for r in caplog.records)
+    assert warned is (not cpu_has_native_bf16())
 
 
 def test_a_run_resumed_in_another_precision_records_both(tmp_path: Path) -> None:
