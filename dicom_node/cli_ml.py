@@ -144,7 +144,8 @@ _ENGINE_HELP = "auto (ONNX Runtime on CPU, torch on CUDA), torch, onnxruntime (d
               help="U-Net: start from this checkpoint's weights (a new optimizer and schedule): fine-tuning, or "
                    "continuing a model whose resume state is gone. With --folds: a folder of fold-<i>/ checkpoints "
                    "(or PATH-fold-<i>.safetensors, as in ml/weights/cv), each trained without its fold's held-out "
-                   "subjects.")
+                   "subjects. A larger base_width in --network (nothing else changed) widens the checkpoint's U-Net "
+                   "at its function (ml/widen.py).")
 @click.option("--force", is_flag=True, help="Start afresh even if --out already holds a training.")
 @click.option("--name", default=None, help="Model name stored in the checkpoint (default dicomnode-<model>-<direction>).")
 @click.option("--version", "model_version", default="1", show_default=True, help="Model version stored in the checkpoint.")

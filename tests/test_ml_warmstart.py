@@ -3,7 +3,7 @@
 Specification: the new training starts from exactly those weights (a fresh optimizer and schedule), records where it
 started in ``training.init_from``, and keeps that record through a time-budget stop and ``--resume``.  It refuses,
 with one line, a checkpoint of another direction or network, and one trained on a subject the new training validates
-on.  With ``--folds`` it takes a folder of fold checkpoints, each fold starting from its own, and refuses a single
+on; the one network it takes is a wider copy (a larger ``base_width``), which starts at the checkpoint's function.  With ``--folds`` it takes a folder of fold checkpoints, each fold starting from its own, and refuses a single
 checkpoint (it would have seen every fold's held-out subjects).
 """
 
@@ -77,7 +77,8 @@ def test_the_start_is_kept_through_a_time_budget_stop_and_resume(started: tuple[
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"direction": "t2-to-t1"}, "is a t1-to-t2 model, this training is t2-to-t1"),
-    ({"network": {"base_width": 8, "depth": 2, "context_slices": 1}}, "another network (base_width differ)"),
+    ({"network": {"base_width": 2, "depth": 2, "context_slices": 1}}, "another network (base_width differ)"),
+    ({"network": {"base_width": 8, "depth": 3, "context_slices": 1}}, "another network (base_width, depth differ)"),
     ({"input_norm": "percentile"}, "trained with --input-norm tissue-peak, not percentile"),
     ({"val_subjects": ("sub1",)}, "was trained on sub1, which this training validates on"),
 ])
@@ -88,6 +89,24 @@ def test_a_start_that_does_not_fit_is_refused(started: tuple[Path, Path], tmp_pa
     data, start = started
     with pytest.raises(TrainError, match=f"^--init-from: .*{re.escape(message)}"):
         train(_cfg(data, tmp_path / "ck", init_from=start, **change))
+
+
+def test_a_wider_network_starts_at_the_checkpoints_function(started: tuple[Path, Path], tmp_path: Path) -> None:
+    from ml.inference import load_model
+    from ml.train import train
+
+    data, start = started
+    wide = train(_cfg(data, tmp_path / "wide", epochs=1, steps_per_epoch=1, lr=1e-12, init_from=start, val_every=1,
+                      network={"base_width": 6, "depth": 2, "context_slices": 1}))
+    narrow_model, wide_model = load_model(start, device="cpu"), load_model(wide.out, device="cpu")
+    assert wide_model.options.base_width == 6 and narrow_model.options.base_width == 4
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = narrow_model.net(x), wide_model.net(x)
+    assert float((a - b).abs().max()) < 0.05 * float(a.abs().max())  # the same function, up to the copies' noise
+    origin = json.loads((wide.out / "model.json").read_text())["training"]["init_from"]
+    assert origin["widened_from"] == {"base_width": 4}
+    assert origin["weights_sha256"] == sha256_file(start / "model.safetensors")
 
 
 def test_a_cyclegan_cannot_start_from_a_checkpoint(started: tuple[Path, Path], tmp_path: Path) -> None:
