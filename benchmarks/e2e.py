@@ -9,7 +9,10 @@ not part of the latency; the completion check runs every 0.25 s, and that wait
 is included.  The per-stage breakdown comes from the job's timings in the
 ledger.
 
-Usage: python benchmarks/e2e.py [--device cpu|cuda] [--repeats 3]
+Usage: python benchmarks/e2e.py [--device cpu|cuda] [--repeats 3] [--t1-to-t2 CHECKPOINT]
+
+``--t1-to-t2`` runs another T1->T2 checkpoint instead of the shipped one (``model.t1_to_t2``), e.g. an earlier
+version taken from git, so that two models are compared in one session on one machine.
 """
 
 from __future__ import annotations
@@ -70,7 +73,11 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "dicomnode-e2e-bench")
+    ap.add_argument("--t1-to-t2", type=Path, default=None, help="T1->T2 checkpoint (.safetensors) instead of the shipped one")
     args = ap.parse_args()
+    model: dict[str, object] = {"device": args.device, "directions": ["t1-to-t2"]}
+    if args.t1_to_t2 is not None:
+        model["t1_to_t2"] = str(args.t1_to_t2.resolve())
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     with DcmtkStoreSCP(args.work / "storescp", ae_title="PACS") as scp:
@@ -79,12 +86,12 @@ def main() -> int:
             destinations=[{"name": "storescp", "ae_title": "PACS", "host": "127.0.0.1", "port": scp.port}],
             series={"quiet_seconds": 30.0, "complete_on_release": True, "release_grace_seconds": 0.0},
             worker={"processes": 1},
-            model={"device": args.device, "directions": ["t1-to-t2"]},
+            model=model,
             # the generated series is a phantom, not a brain: QC may fail it, and the latency still includes its QC
             qc={"on_fail": "send"},
         ).start()
         try:
-            print(f"# {machine()}; device {args.device}")
+            print(f"# {machine()}; device {args.device}; t1-to-t2 {args.t1_to_t2 or 'shipped'}")
             run_case(node, scp.folder, args.work, "48x320x320", seed=99)  # warm-up (model already loaded)
             results: dict[str, list[dict[str, float]]] = {}
             for name in CASES:
